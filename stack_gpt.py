@@ -1,0 +1,933 @@
+"""
+stack_gpt.py: train a small GPT, make it deeper by stacking its layers, keep training.
+
+Model growth by depthwise stacking (G_stack, Du et al. 2024): train a shallow model,
+repeat its whole block of layers g times (L1..L4 -> L1..L4,L1..L4), train the deep model.
+The question is whether the shallow phase buys the deep model a head start that is worth
+more than the compute it cost. This file is the whole system in one readable script:
+
+    config -> data -> model -> optimizer -> schedules -> stacking -> eval -> training loop
+
+The model and optimizer follow nanochat's base model (Feb 2026): rotary, QK-norm, ReLU^2,
+value embeddings, per-layer lambdas, Muon + AdamW. Examples:
+
+    python stack_gpt.py --depth 6 --stack-to 12   # d6s12 -> d12 on a GPU ("d6s12" in the write-up)
+    python stack_gpt.py --depth 12                # the plain d12 baseline on the same FLOPs
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import prepare_data
+from prepare_data import DataError
+
+CHECKPOINT_FORMAT = "stack-gpt-1"
+
+
+class UsageError(Exception):
+    """A mistake in the flags or files the user gave us: reported in one line, exit code 2."""
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Train a GPT, optionally grow it by layer stacking, and train the deep model.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument_group("model")
+    a.add_argument("--depth", type=int, default=12, help="number of layers of the model trained first (the shallow model when --stack-to is set)")
+    a.add_argument("--stack-to", type=int, default=None, help="final depth after stacking; a multiple of --depth (omit for a plain baseline run)")
+    a.add_argument("--aspect-ratio", type=int, default=64, help="model width = final depth * aspect ratio, rounded up to a multiple of --head-dim")
+    a.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
+    a.add_argument("--seq-len", type=int, default=2048, help="context length in tokens")
+    h = p.add_argument_group("horizon")
+    h.add_argument("--ratio", type=float, default=10.5, help="data:param ratio of the baseline: the final-depth model trained at this ratio sets the FLOPs budget of the whole run")
+    h.add_argument("--target-flops", type=float, default=None, help="total FLOPs budget of the run (overrides --ratio)")
+    h.add_argument("--shallow-ratio", type=float, default=3.25, help="data:param ratio of the shallow phase")
+    h.add_argument("--shallow-steps", type=int, default=None, help="explicit number of shallow-phase steps (overrides --shallow-ratio)")
+    h.add_argument("--deep-ratio", type=float, default=None, help="data:param ratio of the deep phase (default: whatever fills the FLOPs budget)")
+    h.add_argument("--deep-steps", type=int, default=None, help="explicit number of steps of the deep (or only) phase")
+    o = p.add_argument_group("optimization")
+    o.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: nanochat's rule, 2^19 at d12, scaled by model size^0.383)")
+    o.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass; gradients are accumulated up to the total batch")
+    o.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate for the block matrices")
+    o.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW learning rate for token and value embeddings")
+    o.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW learning rate for the lm_head")
+    o.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW learning rate for x0_lambdas (resid_lambdas get 1%% of it)")
+    o.add_argument("--weight-decay", type=float, default=0.2, help="Muon cautious weight decay at d12 (scaled with batch and horizon)")
+    o.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of each phase spent in linear LR warmup")
+    o.add_argument("--warmdown-ratio", type=float, default=None, help="fraction of the deep (or only) phase spent decaying the LR (default: 1.0 after stacking, 0.5 for a baseline)")
+    o.add_argument("--shallow-warmdown-ratio", type=float, default=0.0, help="warmdown ratio of the shallow phase")
+    o.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of warmdown")
+    e = p.add_argument_group("evaluation and logging")
+    e.add_argument("--eval-every", type=int, default=250, help="evaluate val bpb every N steps (and at the end of each phase); 0 = only at the end")
+    e.add_argument("--eval-tokens", type=int, default=40 * 2**19, help="number of val tokens per evaluation (the same ones every time)")
+    e.add_argument("--sample-tokens", type=int, default=48, help="tokens to sample at the end of each phase (0 = no sample)")
+    e.add_argument("--log-every", type=int, default=1, help="print and record the train loss every N steps")
+    r = p.add_argument_group("run")
+    r.add_argument("--data", default=prepare_data.DEFAULT_DATA_DIR, help="dataset folder written by prepare_data.py")
+    r.add_argument("--out-dir", default=None, help="run folder for config, metrics and checkpoints (default: runs/<d6s12 or d12>)")
+    r.add_argument("--overwrite", action="store_true", help="allow writing into a run folder that holds a finished run")
+    r.add_argument("--init-from", default=None, help="shallow checkpoint to start from: skips phase 1 (one shallow model can serve many deep runs)")
+    r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on for CUDA, off for CPU)")
+    r.add_argument("--seed", type=int, default=0, help="seed for the initialization and the data order")
+    return p
+
+
+def resolve_args(argv=None):
+    """Parse the flags, check them, and fill in the defaults that depend on other flags."""
+    args = get_parser().parse_args(argv)
+    positive = ["depth", "aspect_ratio", "head_dim", "seq_len", "ratio", "target_flops", "shallow_ratio", "shallow_steps",
+                "deep_ratio", "deep_steps", "total_batch_size", "device_batch_size", "log_every"]
+    for name in positive:
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive (got {value})")
+    if args.eval_every < 0 or args.eval_tokens <= 0 or args.sample_tokens < 0:
+        raise UsageError("--eval-every, --sample-tokens must be >= 0 and --eval-tokens > 0")
+    for name in ["warmup_ratio", "warmdown_ratio", "shallow_warmdown_ratio", "final_lr_frac"]:
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (got {value})")
+    if args.stack_to is not None and (args.stack_to <= args.depth or args.stack_to % args.depth):
+        raise UsageError(f"--stack-to {args.stack_to} must be a larger multiple of --depth {args.depth} (e.g. --depth 6 --stack-to 12)")
+    if args.init_from and args.stack_to is None:
+        raise UsageError("--init-from starts the deep phase from a shallow checkpoint: give --stack-to too")
+    args.stacked = args.stack_to is not None
+    args.final_depth = args.stack_to if args.stacked else args.depth
+    if args.warmdown_ratio is None:
+        args.warmdown_ratio = 1.0 if args.stacked else 0.5  # the write-up's best deep-phase value; nanochat's default
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device not in ("cuda", "cpu"):
+        raise UsageError(f"--device must be cuda or cpu (got {args.device})")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA GPU is visible: use --device cpu")
+    if args.compile is None:
+        args.compile = args.device == "cuda"
+    if args.out_dir is None:
+        name = f"d{args.depth}s{args.stack_to}" if args.stacked else f"d{args.depth}"
+        args.out_dir = os.path.join("runs", name)
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Data: fixed-length windows cut from the token shards that prepare_data.py writes
+
+class TokenWindows:
+    """
+    Every shard is cut into windows of seq_len+1 tokens (inputs and next-token targets);
+    each epoch visits all windows once in a seeded random order. The loader's whole
+    position is (epoch, cursor), so it can be saved and restored exactly.
+    Each optimizer step asks for its rows in micro-batches; `rank`/`world` pick this
+    process's slice of every micro-batch so the global batch does not depend on them.
+    """
+
+    def __init__(self, shards, seq_len, seed, device, rank=0, world=1):
+        self.shards, self.seq_len, self.seed, self.device = shards, seq_len, seed, device
+        self.rank, self.world = rank, world
+        counts = [(len(s) - 1) // seq_len for s in shards]  # -1: the last window needs one extra target token
+        self.first_window = np.cumsum([0] + counts)  # global window id where each shard starts
+        self.num_windows = int(self.first_window[-1])
+        if self.num_windows == 0:
+            raise DataError(f"the data has fewer than {seq_len + 1} tokens: use a smaller --seq-len or more data")
+        self.epoch, self.cursor = 0, 0
+        self.order = self._order(self.epoch)
+
+    def _order(self, epoch):
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        return torch.randperm(self.num_windows, generator=g).numpy()
+
+    def window(self, i):
+        shard = int(np.searchsorted(self.first_window, i, side="right")) - 1
+        start = (i - self.first_window[shard]) * self.seq_len
+        return self.shards[shard][start:start + self.seq_len + 1]
+
+    def next_batch(self, rows):
+        """The next `rows` windows of this rank, as (inputs, targets) of shape (rows, seq_len)."""
+        ids = []
+        for _ in range(rows * self.world):
+            if self.cursor == self.num_windows:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self.order = self._order(self.epoch)
+            ids.append(self.order[self.cursor])
+            self.cursor += 1
+        mine = ids[self.rank * rows:(self.rank + 1) * rows]
+        batch = torch.from_numpy(np.stack([self.window(i) for i in mine]).astype(np.int64))
+        if self.device == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        return batch[:, :-1], batch[:, 1:]
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state):
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.order = self._order(self.epoch)
+
+
+def load_data(args):
+    """Read the dataset folder: train and val token streams, the tokenizer and the bytes of each token."""
+    meta = prepare_data.load_meta(args.data)
+    read = lambda names: [prepare_data.read_shard(os.path.join(args.data, n)) for n in names]
+    return meta, read(meta["train_shards"]), read(meta["val_shards"])
+
+
+# -----------------------------------------------------------------------------
+# Model: nanochat's GPT with full attention
+
+@dataclass
+class GPTConfig:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    vocab_size: int
+    sequence_len: int
+    ve_layers: tuple  # indices of the layers that carry a value embedding
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+
+def default_ve_layers(n_layer):
+    """nanochat's rule: every other layer, counted back from the last one (which always has one)."""
+    return tuple(i for i in range(n_layer) if i % 2 == (n_layer - 1) % 2)
+
+
+def model_config(depth, final_depth, args, vocab_size):
+    """A depth-layer model at the width and head count of a final_depth model (so a d6s12 is as wide as a d12)."""
+    width = math.ceil(final_depth * args.aspect_ratio / args.head_dim) * args.head_dim
+    return GPTConfig(n_layer=depth, n_head=width // args.head_dim, n_embd=width, vocab_size=vocab_size,
+                     sequence_len=args.seq_len, ve_layers=default_ve_layers(depth))
+
+
+def norm(x):
+    # RMSNorm with no learnable gain; also used as the QK-norm.
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(seq_len, head_dim, base=10000):
+    """cos/sin of the rotary angles, shape (1, T, 1, head_dim/2). Kept in bf16 as nanochat does."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos().bfloat16()[None, :, None, :], angles.sin().bfloat16()[None, :, None, :]
+
+
+def apply_rotary(x, cos, sin):
+    # Rotate the pair (x1[j], x2[j]) by angle j's position-dependent angle; halves, not interleaved pairs.
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, has_value_embed):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        n = config.n_embd
+        self.c_q = nn.Linear(n, n, bias=False)
+        self.c_k = nn.Linear(n, n, bias=False)
+        self.c_v = nn.Linear(n, n, bias=False)
+        self.c_proj = nn.Linear(n, n, bias=False)
+        # Value embeddings (ResFormer): a per-layer table of token vectors mixed into v by a gate
+        # that reads the first 32 channels of the block input.
+        self.value_embed = nn.Embedding(padded_vocab(config.vocab_size), n) if has_value_embed else None
+        self.ve_gate = nn.Linear(32, self.n_head, bias=False) if has_value_embed else None
+
+    def forward(self, x, idx, cos, sin):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_head, self.head_dim)
+        if self.value_embed is not None:
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :32]))  # (B, T, n_head), 1.0 at init
+            v = v + gate.unsqueeze(-1) * self.value_embed(idx).view(B, T, self.n_head, self.head_dim)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, has_value_embed):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, has_value_embed)
+        self.mlp = MLP(config)
+
+    def forward(self, x, idx, cos, sin):
+        x = x + self.attn(norm(x), idx, cos, sin)
+        return x + self.mlp(norm(x))
+
+
+def padded_vocab(vocab_size):
+    return -(-vocab_size // 64) * 64  # round up to a multiple of 64 for fast matmuls; logits are sliced back
+
+
+class GPT(nn.Module):
+    SOFTCAP = 15  # logits are squashed smoothly into [-15, 15]
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(padded_vocab(config.vocab_size), config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i in config.ve_layers) for i in range(config.n_layer))
+        self.lm_head = nn.Linear(config.n_embd, padded_vocab(config.vocab_size), bias=False)
+        # Per-layer scalars: before layer i, x = resid_lambdas[i] * x + x0_lambdas[i] * x0,
+        # where x0 is the normed token embedding (a learned skip connection to the input).
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        cos, sin = rotary_tables(config.sequence_len, config.head_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """
+        Every parameter's initial value, in one place (s = sqrt(3/n_embd): uniform with std 1/sqrt(n_embd)):
+            wte                      normal, std 1
+            lm_head                  normal, std 0.001
+            attn.c_q, c_k, c_v       uniform(-s, s)
+            attn.c_proj, mlp.c_proj  zeros: each block starts as the identity on the residual stream
+            mlp.c_fc                 uniform(-s, s)
+            attn.value_embed         uniform(-s, s), like c_v
+            attn.ve_gate             zeros: gate = 2*sigmoid(0) = 1
+            resid_lambdas            1.0
+            x0_lambdas               0.1
+        """
+        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        s = (3 / self.config.n_embd) ** 0.5  # uniform(-s, s) has std 1/sqrt(n_embd) and no outliers
+        for block in self.blocks:
+            for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight, block.mlp.c_fc.weight):
+                nn.init.uniform_(w, -s, s)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.value_embed is not None:
+                nn.init.uniform_(block.attn.value_embed.weight, -s, s)
+                nn.init.zeros_(block.attn.ve_gate.weight)
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(0.1)
+
+    def embeddings(self):
+        """The lookup tables: the token embedding and every value embedding."""
+        return [self.wte] + [b.attn.value_embed for b in self.blocks if b.attn.value_embed is not None]
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        T = idx.size(1)
+        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        x = x0 = norm(self.wte(idx))
+        for i, block in enumerate(self.blocks):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            x = block(x, idx, cos, sin)
+        logits = self.lm_head(norm(x))[..., :self.config.vocab_size].float()
+        logits = self.SOFTCAP * torch.tanh(logits / self.SOFTCAP)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
+        return loss if reduction == "mean" else loss.view_as(targets)
+
+    def param_counts(self):
+        """Parameters by kind; 'scaling' (block matrices + lm_head) is what nanochat's horizon rule counts."""
+        embeddings = sum(e.weight.numel() for e in self.embeddings())
+        scalars = self.resid_lambdas.numel() + self.x0_lambdas.numel()
+        total = sum(p.numel() for p in self.parameters())
+        return {"total": total, "embeddings": embeddings, "scalars": scalars, "scaling": total - embeddings - scalars}
+
+    def flops_per_token(self):
+        """
+        Training FLOPs per token (forward + backward). Each weight in a matmul costs 2 FLOPs
+        forward (multiply, add) and 4 backward (grads of input and of weight): 6 per weight,
+        for the block matrices and the lm_head. Lookups (embeddings) and scalars are free.
+        Attention's two T x T matmuls (q@k and att@v) add 2 * 2 * T * head_dim * n_head
+        per token forward, times 3 with backward: 12 * n_head * head_dim * T per layer.
+        (The causal mask would halve it; like nanochat and PaLM we count the full square.)
+        """
+        c = self.config
+        return 6 * self.param_counts()["scaling"] + 12 * c.n_head * c.head_dim * c.sequence_len * c.n_layer
+
+    @torch.no_grad()
+    def generate(self, tokens, max_tokens, temperature=0.8, seed=0):
+        """Sample tokens one at a time (no KV cache: short samples, clarity over speed)."""
+        device = self.wte.weight.device
+        g = torch.Generator(device=device).manual_seed(seed)
+        ids = torch.tensor([tokens], device=device)
+        for _ in range(max_tokens):
+            logits = self(ids[:, -self.config.sequence_len:])[0, -1]
+            probs = F.softmax(logits / temperature, dim=-1)
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)[None]], dim=1)
+        return ids[0, len(tokens):].tolist()
+
+
+def build_model(config, device):
+    """Make a model on `device`, initialized by init_weights; on CUDA the lookup tables are stored in bf16."""
+    model = GPT(config).to(device)
+    model.init_weights()
+    if device == "cuda":
+        for table in model.embeddings():
+            table.to(torch.bfloat16)  # only looked up, never multiplied: bf16 halves their memory
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Optimizer: Muon for the block matrices, AdamW for everything else
+
+# Polar Express (Amsel et al. 2025): five odd polynomial steps, each (a, b, c) tuned so that all
+# singular values in [~0.001, 1] land near 1 (an approximation of U V^T from G = U S V^T).
+POLAR_EXPRESS_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+def polar_express(G):
+    """Orthogonalize a stack of matrices (n, rows, cols) in bf16."""
+    X = G.bfloat16()
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # all singular values now <= 1
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT  # iterate on the wide orientation: the Gram matrix X X^T is then the small one
+    for a, b, c in POLAR_EXPRESS_COEFFS:
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X  # X <- a X + b (XX^T) X + c (XX^T)^2 X
+    return X.mT if tall else X
+
+
+def normalize_variance(update, variance, beta2):
+    """
+    NorMuon: Muon's output has uneven scales across neurons. Keep a running mean of the squared
+    update per row (for tall/square matrices) or per column (wide), divide by its square root,
+    then restore each matrix's Frobenius norm so only the relative scales change.
+    """
+    update = update.float()
+    reduce_dim = -1 if update.size(-2) >= update.size(-1) else -2
+    variance.lerp_(update.square().mean(dim=reduce_dim, keepdim=True), 1 - beta2)
+    scaled = update * variance.clamp_min(1e-10).rsqrt()
+    old_norm = update.norm(dim=(-2, -1), keepdim=True)
+    return scaled * (old_norm / scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """
+    One optimizer, two kinds of groups. A group with kind='adamw' is plain AdamW. A group with
+    kind='muon' holds matrices of one shape and takes the Muon step: Nesterov momentum,
+    Polar Express orthogonalization, NorMuon variance normalization, cautious weight decay.
+    All state is per parameter, so it can follow its parameter through stacking.
+    """
+
+    def __init__(self, param_groups):
+        super().__init__(param_groups, defaults={})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                self._adamw(group)
+            else:
+                self._muon(group)
+
+    def _adamw(self, group):
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            state = self.state[p]
+            if not state:
+                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            state["step"] += 1
+            state["exp_avg"].lerp_(p.grad, 1 - beta1)
+            state["exp_avg_sq"].lerp_(p.grad.square(), 1 - beta2)
+            bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+            denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)
+
+    def _muon(self, group):
+        params = group["params"]
+        rows, cols = params[0].shape
+        for p in params:
+            if not self.state[p]:
+                variance_shape = (rows, 1) if rows >= cols else (1, cols)
+                self.state[p].update(momentum=torch.zeros_like(p), variance=p.new_zeros(variance_shape))
+        grads = [p.grad for p in params]
+        momenta = [self.state[p]["momentum"] for p in params]
+        mu = group["momentum"]
+        torch._foreach_lerp_(momenta, grads, 1 - mu)  # m <- mu m + (1-mu) g
+        update = torch.stack(torch._foreach_lerp(grads, momenta, mu))  # Nesterov: look ahead along m
+        update = polar_express(update)
+        variance = torch.stack([self.state[p]["variance"] for p in params])
+        update = normalize_variance(update, variance, group["beta2"])
+        lr = group["lr"] * max(1.0, rows / cols) ** 0.5  # tall matrices get a larger step (same RMS per output)
+        wd = group["weight_decay"]
+        for p, u, v in zip(params, update.unbind(0), variance.unbind(0)):
+            self.state[p]["variance"].copy_(v)
+            decay = (u * p >= 0) * p  # cautious weight decay: only where the update agrees in sign with p
+            p.sub_(lr * u + lr * wd * decay)
+
+
+def build_optimizer(model, args, batch_size, weight_decay):
+    """
+    The parameter groups and their learning rates. nanochat's rules: every LR scales with
+    sqrt(B / 2^19) (bigger batches take bigger steps); embedding and head LRs also with
+    1/sqrt(width/768), because their updates add up over the width.
+    """
+    batch_scale = (batch_size / 2**19) ** 0.5
+    width_scale = (model.config.n_embd / 768) ** -0.5
+    tables = [e.weight for e in model.embeddings()]
+    matrices = [p for b in model.blocks for p in b.parameters() if p.ndim == 2 and all(p is not t for t in tables)]
+    adamw = dict(kind="adamw", betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+    groups = [
+        dict(adamw, params=[model.lm_head.weight], lr=args.unembedding_lr * width_scale * batch_scale),
+        dict(adamw, params=tables, lr=args.embedding_lr * width_scale * batch_scale),
+        dict(adamw, params=[model.resid_lambdas], lr=args.scalar_lr * 0.01 * batch_scale),
+        dict(adamw, params=[model.x0_lambdas], lr=args.scalar_lr * batch_scale, betas=(0.96, 0.95)),
+    ]
+    for shape in sorted({p.shape for p in matrices}):  # Muon works on a stack of same-shape matrices at once
+        groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=args.matrix_lr * batch_scale,
+                           momentum=0.95, beta2=0.95, weight_decay=weight_decay))
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters()), "every parameter must be in exactly one group"
+    optimizer = MuonAdamW(groups)
+    for g in optimizer.param_groups:
+        g["initial_lr"] = g["lr"]
+    return optimizer
+
+
+# -----------------------------------------------------------------------------
+# Schedules (functions of the step within a phase)
+
+def lr_multiplier(step, steps, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """Linear warmup, then 1.0, then a linear decay over the last warmdown_ratio * steps to final_lr_frac."""
+    warmup, warmdown = round(warmup_ratio * steps), round(warmdown_ratio * steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= steps - warmdown:
+        return 1.0
+    progress = (steps - step) / warmdown  # 1 -> 0 over the warmdown (a ratio > 1 starts part-way down)
+    return progress + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(step):
+    """Muon's momentum warms up from 0.85 to 0.95 over the first 300 steps."""
+    return 0.85 + 0.10 * min(step / 300, 1.0)
+
+
+def weight_decay_at(step, steps, weight_decay):
+    """Muon's weight decay falls linearly to zero over the phase."""
+    return weight_decay * (1 - step / steps)
+
+
+# -----------------------------------------------------------------------------
+# Stacking: grow a shallow model into a deep one
+
+def stack_layer_map(n_layer, growth_factor):
+    """G_stack's layer order: the whole block of layers repeated, [0..L-1] * g."""
+    return [i for _ in range(growth_factor) for i in range(n_layer)]
+
+
+def grow_tensors(tensors, layer_map):
+    """
+    Map a shallow model's named tensors (its state dict, or any per-parameter state keyed the
+    same way) to the deep model's: deep layer j takes everything of shallow layer layer_map[j],
+    per-layer vectors are indexed by the map, everything else (embeddings, head) is carried over.
+    """
+    per_layer_vectors = ("resid_lambdas", "x0_lambdas")
+    deep = {}
+    for name, t in tensors.items():
+        if name.startswith("blocks."):
+            continue
+        deep[name] = t[layer_map].clone() if name in per_layer_vectors else t.clone()
+    for j, source in enumerate(layer_map):
+        prefix = f"blocks.{source}."
+        for name, t in tensors.items():
+            if name.startswith(prefix):
+                deep[f"blocks.{j}." + name[len(prefix):]] = t.clone()
+    return deep
+
+
+def stacked_config(shallow_config, layer_map):
+    """The deep model's config. A copy of a layer with a value embedding gets one too, wherever it lands."""
+    ve_layers = tuple(j for j, source in enumerate(layer_map) if source in shallow_config.ve_layers)
+    return GPTConfig(**{**asdict(shallow_config), "n_layer": len(layer_map), "ve_layers": ve_layers})
+
+
+def stack_model(shallow, growth_factor):
+    """
+    The deep model: shallow's layers repeated growth_factor times, every copy computing exactly
+    what its source computed (nanochat's even/odd rule for value-embedding layers would move
+    them when the depth changes, so the deep config takes its layout from the sources instead).
+    Optimizer state and the step counter start fresh, as in the paper and the write-up.
+    """
+    layer_map = stack_layer_map(shallow.config.n_layer, growth_factor)
+    deep = GPT(stacked_config(shallow.config, layer_map)).to(shallow.wte.weight.device)
+    for table in deep.embeddings():
+        table.to(shallow.wte.weight.dtype)  # bf16 tables stay bf16 on CUDA
+    deep.load_state_dict(grow_tensors(shallow.state_dict(), layer_map))
+    return deep
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: bits per byte on fixed val tokens, and a text sample
+
+@torch.no_grad()
+def evaluate_bpb(model, val_batches, token_bytes, autocast):
+    """
+    Bits per byte: total loss in nats over the val tokens, divided by ln 2 and by the number of
+    UTF-8 bytes those tokens stand for, so models with different tokenizers compare fairly.
+    Special tokens have 0 bytes and are left out of both sums.
+    """
+    nats, nbytes = 0.0, 0
+    for x, y in val_batches:
+        with autocast:
+            loss = model(x, y, reduction="none")
+        counted_bytes = token_bytes[y]
+        nats += (loss * (counted_bytes > 0)).sum()
+        nbytes += counted_bytes.sum()
+    return float(nats) / (math.log(2) * float(nbytes))
+
+
+def val_batches(val_shards, args, device):
+    """The same first eval_tokens of the val stream each time, in device-sized batches."""
+    windows = TokenWindows(val_shards, args.seq_len, seed=0, device=device)
+    n = min(args.eval_tokens // args.seq_len, windows.num_windows)
+    rows = [windows.window(i) for i in range(n)]
+    batches = []
+    for i in range(0, n, args.device_batch_size):
+        batch = torch.from_numpy(np.stack(rows[i:i + args.device_batch_size]).astype(np.int64)).to(device)
+        batches.append((batch[:, :-1], batch[:, 1:]))
+    return batches
+
+
+def sample_text(model, tokenizer, prompt_tokens, max_tokens, autocast):
+    with autocast:
+        out = model.generate(prompt_tokens, max_tokens)
+    return tokenizer.decode(prompt_tokens) + "|" + tokenizer.decode(out)
+
+
+# -----------------------------------------------------------------------------
+# Planning the run: each phase's model, batch size, steps and FLOPs
+
+@dataclass
+class Phase:
+    name: str  # "shallow", "deep" (after stacking) or "baseline"
+    config: GPTConfig
+    steps: int
+    batch_size: int  # tokens per optimizer step
+    flops_per_token: int
+    weight_decay: float
+    warmdown_ratio: float
+
+    @property
+    def flops(self):
+        return self.flops_per_token * self.batch_size * self.steps
+
+
+def measure(config):
+    """(scaling params, FLOPs per token) of a model, counted on the meta device: shapes only, no memory."""
+    with torch.device("meta"):
+        model = GPT(config)
+    return model.param_counts()["scaling"], model.flops_per_token()
+
+
+def batch_and_weight_decay(scaling_params, ref_params, args):
+    """
+    nanochat's transfer rules from its d12 reference (B = 2^19 tokens there), with D = ratio * N tokens:
+      batch size    B  = 2^19 * (D / D_ref)^0.383, rounded to a power of 2 (Power Lines)
+      weight decay  wd = wd_ref * sqrt(B / 2^19) * D_ref / D (keeps B / (lr * wd * D) constant)
+    nanochat takes D_ref at the same ratio as D, so the ratio cancels: only the size relative to d12 counts.
+    """
+    batch = args.total_batch_size or 2 ** round(math.log2(2**19 * (scaling_params / ref_params) ** 0.383))
+    return batch, args.weight_decay * (batch / 2**19) ** 0.5 * ref_params / scaling_params
+
+
+def plan_phases(args, vocab_size, shallow_flops=None):
+    """
+    The phases of this run. The FLOPs budget is the baseline's: the final-depth model trained at
+    --ratio (or --target-flops). A stacked run spends part of it on the shallow phase and, unless
+    told otherwise, gives the deep phase exactly what is left, so both runs cost the same.
+    shallow_flops: FLOPs already spent by a shallow checkpoint (--init-from), which then is not planned.
+    """
+    ref_params, _ = measure(model_config(12, 12, args, vocab_size))
+    final_config = model_config(args.final_depth, args.final_depth, args, vocab_size)
+    phases = []
+    if args.stacked:
+        shallow_config = model_config(args.depth, args.final_depth, args, vocab_size)
+        final_config = stacked_config(shallow_config, stack_layer_map(args.depth, args.stack_to // args.depth))
+        if shallow_flops is None:
+            params, fpt = measure(shallow_config)
+            batch, wd = batch_and_weight_decay(params, ref_params, args)
+            steps = args.shallow_steps or int(args.shallow_ratio * params) // batch
+            phases.append(Phase("shallow", shallow_config, steps, batch, fpt, wd, args.shallow_warmdown_ratio))
+            shallow_flops = phases[0].flops
+    params, fpt = measure(final_config)
+    batch, wd = batch_and_weight_decay(params, ref_params, args)
+    budget = args.target_flops or fpt * batch * (int(args.ratio * params) // batch)
+    if args.deep_steps:
+        steps = args.deep_steps
+    elif args.deep_ratio:
+        steps = int(args.deep_ratio * params) // batch
+    else:
+        steps = round((budget - (shallow_flops or 0)) / (fpt * batch))
+    if steps <= 0:
+        raise UsageError(f"the shallow phase uses the whole FLOPs budget ({budget:.3g}): lower --shallow-ratio or raise --ratio")
+    phases.append(Phase("deep" if args.stacked else "baseline", final_config, steps, batch, fpt, wd, args.warmdown_ratio))
+    for phase in phases:
+        rows = args.device_batch_size * args.seq_len
+        if phase.batch_size % rows:
+            raise UsageError(f"{phase.name} phase: total batch {phase.batch_size} tokens is not a multiple of --device-batch-size "
+                             f"{args.device_batch_size} x --seq-len {args.seq_len} = {rows}: change --total-batch-size or --device-batch-size")
+    return phases
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and the run folder
+
+def save_checkpoint(path, model, optimizer, args, phase, step, loader, flops):
+    """Model, optimizer, config, position in the data and RNG; written whole to a temp file, then renamed."""
+    state = {
+        "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "model_config": asdict(model.config), "args": vars(args), "phase": phase.name, "step": step,
+        "loader": loader.state_dict(), "rng": torch.get_rng_state(), "flops": flops,
+    }
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic: a crash leaves the old file or the new one, never half of one
+
+
+def load_checkpoint(path, device):
+    """Load with weights_only=True: tensors and plain data only, never code from the file."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}: give the shallow.pt of a finished phase 1")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path} is not a readable stack_gpt checkpoint ({type(e).__name__}): it may be truncated or foreign")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{path} is not a stack_gpt checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
+    ckpt["model_config"] = GPTConfig(**{**ckpt["model_config"], "ve_layers": tuple(ckpt["model_config"]["ve_layers"])})
+    return ckpt
+
+
+def check_init_from(ckpt, args, vocab_size):
+    """A shallow checkpoint must have the shape that these flags would have trained."""
+    if ckpt["phase"] != "shallow":
+        raise UsageError(f"{args.init_from} is a {ckpt['phase']} checkpoint: --init-from takes the shallow.pt of phase 1")
+    have, want = asdict(ckpt["model_config"]), asdict(model_config(args.depth, args.final_depth, args, vocab_size))
+    wrong = [f"{k}={have[k]} (this run: {want[k]})" for k in ("n_layer", "n_embd", "n_head", "vocab_size", "sequence_len") if have[k] != want[k]]
+    if wrong:
+        raise UsageError(f"--init-from checkpoint does not fit the flags or data: {', '.join(wrong)}; "
+                         "use the --depth/--stack-to/--aspect-ratio/--head-dim/--seq-len/--data it was trained with")
+
+
+def prepare_run_dir(args):
+    """Refuse to clobber a finished run; otherwise start a fresh metrics file and save the config."""
+    final = os.path.join(args.out_dir, "final.pt")
+    if os.path.exists(final) and not args.overwrite:
+        raise UsageError(f"{args.out_dir} already holds a finished run: pass --overwrite or choose another --out-dir")
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    open(os.path.join(args.out_dir, "metrics.jsonl"), "w").close()
+
+
+class RunLog:
+    """Prints a line and appends the same record to the run's metrics.jsonl."""
+
+    def __init__(self, out_dir):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+
+    def __call__(self, line, **record):
+        print(line, flush=True)
+        if record:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# Hardware: autocast, and MFU from the GPU's bf16 dense peak
+
+PEAK_BF16_FLOPS = [  # (substrings of the device name, dense bf16 FLOP/s); first match wins
+    (("h100", "pcie"), 756e12), (("h100", "nvl"), 835e12), (("h100",), 989e12), (("h200",), 989e12),
+    (("b200",), 2.25e15), (("a100",), 312e12), (("l40s",), 362e12), (("l4",), 121e12),
+    (("rtx pro 6000",), 503.8e12), (("5090",), 209.5e12), (("4090",), 165.2e12), (("3090",), 71e12),
+]
+
+
+def peak_flops(device):
+    """The GPU's peak from the table, or None (CPU, unknown GPU): then no MFU is shown."""
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name().lower()
+    return next((peak for keys, peak in PEAK_BF16_FLOPS if all(k in name for k in keys)), None)
+
+
+def autocast_for(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# The training loop, one phase at a time
+
+class TrainingDiverged(Exception):
+    pass
+
+
+def train_phase(phase, model, args, ctx, flops_before):
+    """Train `model` for phase.steps optimizer steps; evaluate on the way and at the end. Returns the optimizer."""
+    optimizer = build_optimizer(model, args, phase.batch_size, phase.weight_decay)
+    step_model = torch.compile(model, dynamic=False) if args.compile else model
+    rows = phase.batch_size // args.seq_len
+    accum = rows // args.device_batch_size  # micro-batches per optimizer step
+    log, peak = ctx["log"], ctx["peak"]
+    smooth_loss = 0.0
+    phase_start = last_log_time = time.time()
+    last_log_step = 0
+    for step in range(phase.steps + 1):
+        flops = flops_before + phase.flops_per_token * phase.batch_size * step
+        if step == phase.steps or (args.eval_every and step % args.eval_every == 0):
+            model.eval()
+            bpb = evaluate_bpb(step_model, ctx["val"], ctx["token_bytes"], ctx["autocast"])
+            model.train()
+            log(f"{phase.name} step {step}/{phase.steps} | val bpb {bpb:.4f}",
+                kind="eval", phase=phase.name, step=step, val_bpb=bpb, flops=flops)
+            last_log_time, last_log_step = time.time(), step  # keep eval time out of the step timings
+        if step == phase.steps:
+            break
+        loss_sum = torch.zeros((), device=args.device)
+        for _ in range(accum):
+            x, y = ctx["loader"].next_batch(args.device_batch_size)
+            with ctx["autocast"]:
+                loss = step_model(x, y)
+            (loss / accum).backward()  # gradients add up over micro-batches: divide to get the mean
+            loss_sum += loss.detach()
+        lrm = lr_multiplier(step, phase.steps, args.warmup_ratio, phase.warmdown_ratio, args.final_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = muon_momentum(step)
+                group["weight_decay"] = weight_decay_at(step, phase.steps, phase.weight_decay)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        if (step + 1) % args.log_every and step + 1 != phase.steps:
+            continue  # no host sync on the steps we don't log
+        loss = (loss_sum / accum).item()  # the one host sync of a logged step
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"{phase.name} phase: loss is {loss} at step {step}; the last checkpoint is left as it was")
+        now = time.time()
+        dt = (now - last_log_time) / (step + 1 - last_log_step)  # mean over the steps since the last log line
+        last_log_time, last_log_step = now, step + 1
+        smooth_loss = 0.9 * smooth_loss + 0.1 * loss
+        smoothed = smooth_loss / (1 - 0.9 ** ((step + args.log_every) // args.log_every))  # debias the EMA's zero start
+        tok_per_s = phase.batch_size / dt
+        mfu = 100 * phase.flops_per_token * tok_per_s / peak if peak else None
+        elapsed = now - phase_start
+        eta = elapsed / (step + 1) * (phase.steps - step - 1)
+        log(f"{phase.name} step {step + 1}/{phase.steps} | loss {smoothed:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | "
+            f"tok/s {tok_per_s:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu is not None else "") +
+            f" | elapsed {elapsed / 60:.1f}m | eta {eta / 60:.1f}m",
+            kind="train", phase=phase.name, step=step + 1, loss=smoothed, raw_loss=loss, lrm=lrm, dt=dt,
+            tok_per_s=tok_per_s, mfu=mfu, flops=flops + phase.flops_per_token * phase.batch_size, elapsed=elapsed)
+    if args.sample_tokens:
+        text = sample_text(model, ctx["tokenizer"], ctx["prompt"], args.sample_tokens, ctx["autocast"])
+        log(f"{phase.name} sample: {text!r}", kind="sample", phase=phase.name, text=text)
+    ctx["val_bpb"][phase.name] = bpb
+    return optimizer
+
+
+def describe_plan(phases, args, meta):
+    """What the run will do, in FLOPs and tokens, before it starts."""
+    total_tokens = sum(p.batch_size * p.steps for p in phases)
+    lines = []
+    for p in phases:
+        c = p.config
+        lines.append(f"{p.name}: {c.n_layer} layers x {c.n_embd} wide, {c.n_head} heads | {p.steps} steps x {p.batch_size:,} tokens"
+                     f" | {p.flops_per_token:.3e} FLOPs/token | {p.flops:.3e} FLOPs | warmdown {p.warmdown_ratio} | wd {p.weight_decay:.4f}")
+    epochs = total_tokens / meta["train_tokens"]
+    lines.append(f"total: {sum(p.flops for p in phases):.3e} FLOPs, {total_tokens:,} tokens"
+                 + (f" = {epochs:.2f} epochs of the {meta['train_tokens']:,} train tokens" if epochs > 1 else ""))
+    return "\n".join(lines)
+
+
+def run(args):
+    """Everything that can fail on bad input is checked before the run folder is touched."""
+    torch.manual_seed(args.seed)
+    meta, train_shards, val_shards = load_data(args)
+    tokenizer = prepare_data.load_tokenizer(args.data)
+    init = load_checkpoint(args.init_from, args.device) if args.init_from else None
+    if init:
+        check_init_from(init, args, meta["vocab_size"])
+    phases = plan_phases(args, meta["vocab_size"], shallow_flops=init["flops"] if init else None)
+    prepare_run_dir(args)
+    log = RunLog(args.out_dir)
+    log(f"config: {json.dumps(vars(args))}")
+    log(describe_plan(phases, args, meta), kind="plan", phases=[{**asdict(p), "flops": p.flops} for p in phases])
+    if args.device == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls outside autocast
+    ctx = dict(log=log, peak=peak_flops(args.device), autocast=autocast_for(args.device), tokenizer=tokenizer,
+               loader=TokenWindows(train_shards, args.seq_len, args.seed, args.device),
+               val=val_batches(val_shards, args, args.device), prompt=[int(t) for t in val_shards[0][:8]],
+               token_bytes=torch.tensor(prepare_data.load_token_bytes(args.data), device=args.device), val_bpb={})
+    start, flops = time.time(), 0
+    if args.stacked:
+        if init:
+            shallow = GPT(init["model_config"]).to(args.device)
+            shallow.load_state_dict(init["model"])
+            ctx["loader"].load_state_dict(init["loader"])
+            torch.set_rng_state(init["rng"].cpu())
+            flops = init["flops"]
+            log(f"shallow model from {args.init_from} ({flops:.3e} FLOPs already spent)")
+        else:
+            shallow = build_model(phases[0].config, args.device)
+            optimizer = train_phase(phases[0], shallow, args, ctx, flops)
+            flops = phases[0].flops
+            save_checkpoint(os.path.join(args.out_dir, "shallow.pt"), shallow, optimizer, args, phases[0], phases[0].steps, ctx["loader"], flops)
+        model = stack_model(shallow, args.stack_to // args.depth)
+        del shallow
+        log(f"stacked {args.depth} -> {args.stack_to} layers")
+    else:
+        model = build_model(phases[-1].config, args.device)
+    optimizer = train_phase(phases[-1], model, args, ctx, flops)
+    flops += phases[-1].flops
+    save_checkpoint(os.path.join(args.out_dir, "final.pt"), model, optimizer, args, phases[-1], phases[-1].steps, ctx["loader"], flops)
+    wall = time.time() - start
+    log(f"done: val bpb {' | '.join(f'{k} {v:.4f}' for k, v in ctx['val_bpb'].items())} | {flops:.3e} FLOPs | {wall / 60:.1f} min",
+        kind="summary", val_bpb=ctx["val_bpb"], flops=flops, phase_flops={p.name: p.flops for p in phases}, wall_time=wall)
+
+
+def main(argv=None):
+    try:
+        run(resolve_args(argv))
+    except (UsageError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
