@@ -43,8 +43,8 @@ class UsageError(Exception):
 # Configuration
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Train a GPT, optionally grow it by layer stacking, and train the deep model.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = prepare_data.OneLineParser(description="Train a GPT, optionally grow it by layer stacking, and train the deep model.",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument_group("model")
     a.add_argument("--depth", type=int, default=12, help="number of layers of the model trained first (the shallow model when --stack-to is set)")
     a.add_argument("--stack-to", type=int, default=None, help="final depth after stacking; a multiple of --depth (omit for a plain baseline run)")

@@ -4,15 +4,22 @@ Tests for stack_gpt.py and prepare_data.py. CPU only, no network, a few minutes 
 CUDA tests run only where a GPU is visible.
 """
 
+import base64
+import http.server
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import sysconfig
+import threading
+import time
 import types
 
 import numpy as np
 import pytest
+import regex
 import torch
 
 import prepare_data
@@ -43,6 +50,393 @@ def block_output(model, i, x, x0, idx):
     T = idx.size(1)
     h = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0
     return model.blocks[i](h, idx, model.cos[:, :T], model.sin[:, :T])
+
+
+# -----------------------------------------------------------------------------
+# Data: prepare_data.py
+
+STDLIB = sysconfig.get_paths()["stdlib"]
+UNICODE_TEXTS = [
+    "héllo wörld, ça va? naïve café", "日本語のテキストと中文", "emoji 👩‍👩‍👧 and 🐍🐍",
+    "tabs\t\tand  spaces   \n\n\n  \r\n\r\n", "   leading", "trailing   \n", "",
+    "e\u0301 combining, a\u00a0no-break space, \u200bzero width", "<|endoftext|> as plain text",
+    "x" * 3000, " " * 100 + "\n" * 50, "mixed123456789 numbers 3.14159 and 1,000,000",
+]
+
+
+def _data_text_dir(tmp_path, n_files=40):
+    """A folder of a few hundred KB of text: stdlib modules plus some unicode."""
+    folder = tmp_path / "text"
+    folder.mkdir()
+    sources = [os.path.join(STDLIB, f) for f in ("json/decoder.py", "json/encoder.py", "textwrap.py",
+                                                 "argparse.py", "string.py", "heapq.py", "bisect.py")]
+    for i in range(n_files):
+        with open(sources[i % len(sources)], encoding="utf-8") as f:
+            text = f.read()
+        (folder / f"doc_{i:03d}.txt").write_text(f"# copy {i}\n" + text + UNICODE_TEXTS[i % len(UNICODE_TEXTS)],
+                                                 encoding="utf-8")
+    return folder
+
+
+def _data_fake_gpt2_ranks(tmp_path):
+    """A 'gpt2-like' ranks file: only the 256 byte tokens (GPT-2's own ranks need a download)."""
+    path = tmp_path / "fake_gpt2.tiktoken"
+    path.write_bytes(b"".join(base64.b64encode(bytes([b])) + b" %d\n" % b for b in range(256)))
+    return str(path)
+
+
+def _data_shard_bytes(tmp_path, tokens):
+    path = tmp_path / "shard_source.bin"
+    prepare_data.write_shard(str(path), np.asarray(tokens, np.uint16))
+    return path.read_bytes()
+
+
+def _data_run(*args, cwd=HERE):
+    return subprocess.run([sys.executable, os.path.join(HERE, "prepare_data.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def _data_split_docs(tokens, eot):
+    """The documents of a shard: runs of tokens after each <|endoftext|>."""
+    starts = list(np.flatnonzero(tokens == eot)) + [len(tokens)]
+    assert starts[0] == 0, "every document must be preceded by <|endoftext|>"
+    return [tokens[a + 1:b] for a, b in zip(starts, starts[1:])]
+
+
+class _DataServer:
+    """An HTTP server on 127.0.0.1 (port 0) in a thread. plan maps a file name to a list
+    of responses used in turn, the last one repeating: bytes (served whole), an int (that
+    HTTP status), ("cut", bytes) (announce all, send half, close) or ("slow", bytes)."""
+
+    def __init__(self, plan):
+        self.plan, self.hits = plan, []
+
+    def __enter__(self):
+        plan, hits = self.plan, self.hits
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                hits.append(name)
+                steps = plan.get(name, [404])
+                step = steps.pop(0) if len(steps) > 1 else steps[0]
+                if isinstance(step, int):
+                    self.send_response(step)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                mode, body = step if isinstance(step, tuple) else ("whole", step)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if mode == "whole":
+                    self.wfile.write(body)
+                elif mode == "cut":
+                    self.wfile.write(body[:len(body) // 2])
+                else:  # slow: about two seconds in all
+                    for i in range(0, len(body), 256):
+                        self.wfile.write(body[i:i + 256])
+                        self.wfile.flush()
+                        time.sleep(2 * 256 / len(body))
+
+        class Server(http.server.ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass  # a client that hangs up mid-response is part of the tests
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/repo"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _data_valid_shards(folder):
+    """Names of files in folder that pass the shard checks."""
+    good = []
+    for f in os.listdir(folder) if os.path.isdir(folder) else []:
+        try:
+            prepare_data.shard_token_count(os.path.join(folder, f))
+            good.append(f)
+        except (prepare_data.DataError, ValueError):
+            pass
+    return good
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+def test_data_bpe_matches_training_order():
+    with open(os.path.join(STDLIB, "argparse.py"), encoding="utf-8") as f:
+        train_text = f.read() + "\n".join(UNICODE_TEXTS)
+    with open(os.path.join(STDLIB, "textwrap.py"), encoding="utf-8") as f:
+        other_text = f.read()
+    ranks = prepare_data.train_bpe([train_text], 700)
+    assert len(ranks) == 699 and sorted(ranks.values()) == list(range(699))
+    vocab = {rank: token for token, rank in ranks.items()}
+    split = regex.compile(prepare_data.GPT4_PATTERN)
+
+    def merges_in_training_order(text):
+        out = []
+        for chunk in split.findall(text):
+            ids, last = list(chunk.encode("utf-8")), -1
+            while True:  # the next merge, in training order, that applies to this chunk
+                found = [ranks.get(vocab[a] + vocab[b], -1) for a, b in zip(ids, ids[1:])]
+                found = [r for r in found if r > last]
+                if not found:
+                    break
+                last = min(found)
+                i, merged = 0, []
+                while i < len(ids):
+                    if i + 1 < len(ids) and vocab[ids[i]] + vocab[ids[i + 1]] == vocab[last]:
+                        merged.append(last)
+                        i += 2
+                    else:
+                        merged.append(ids[i])
+                        i += 1
+                ids = merged
+            out += ids
+        return out
+
+    enc = prepare_data.make_encoding(ranks, "test")
+    for text in [train_text[:60000], other_text] + UNICODE_TEXTS:
+        assert enc.encode_ordinary(text) == merges_in_training_order(text)
+    assert enc.eot_token == 699 and enc.n_vocab == 700
+
+
+def test_data_roundtrip_unicode_whitespace_and_default_corpus():
+    docs, replaced, source = prepare_data.builtin_corpus("stdlib")
+    assert replaced == 0 and len(docs) > 500 and "standard library" in source
+    assert sum(len(text) for _, text in docs) > 5e6
+    ranks = prepare_data.train_bpe(prepare_data.bpe_sample(docs, 1.5) + UNICODE_TEXTS, 1024)
+    enc = prepare_data.make_encoding(ranks, "test")
+    for text in UNICODE_TEXTS:
+        assert enc.decode(enc.encode_ordinary(text)) == text
+    texts = [text for _, text in docs]  # every document of the default corpus
+    assert enc.decode_batch(enc.encode_ordinary_batch(texts)) == texts
+
+
+# -----------------------------------------------------------------------------
+# shards and the val split
+
+def test_data_shard_roundtrip_and_header_checks(tmp_path):
+    path = str(tmp_path / "a.bin")
+    tokens = np.random.default_rng(0).integers(0, 65536, 5000).astype(np.uint16)
+    prepare_data.write_shard(path, tokens)
+    assert np.array_equal(prepare_data.read_shard(path), tokens) and prepare_data.shard_token_count(path) == 5000
+    assert os.path.getsize(path) == 1024 + 2 * 5000 and os.listdir(tmp_path) == ["a.bin"]
+    prepare_data.write_shard(str(tmp_path / "empty.bin"), [])
+    assert len(prepare_data.read_shard(str(tmp_path / "empty.bin"))) == 0
+    raw = open(path, "rb").read()
+    bad_magic = np.frombuffer(raw, np.uint8).copy()
+    bad_magic[:4] = np.frombuffer(np.int32(12345).tobytes(), np.uint8)
+    cases = {"magic.bin": bad_magic.tobytes(), "truncated.bin": raw[:-10], "longer.bin": raw + b"xx",
+             "tiny.bin": raw[:100]}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(prepare_data.DataError, match="prepare_data.py") as e:
+            prepare_data.read_shard(str(tmp_path / name))
+        assert name in str(e.value) and "\n" not in str(e.value)
+
+
+def test_data_val_split_rule():
+    docs = [(f"dir/file_{i}.py", f"text {i}") for i in range(2000)]
+    train, val = prepare_data.split_documents(docs, 0.05)
+    assert 60 < len(val) < 140 and len(train) + len(val) == 2000
+    assert not {n for n, _ in train} & {n for n, _ in val}
+    train2, val2 = prepare_data.split_documents(docs[::-1], 0.05)  # the rule looks at names, not order
+    assert {n for n, _ in val2} == {n for n, _ in val}
+    train, val = prepare_data.split_documents(docs[:3], 0.001)  # always at least one of each
+    assert len(val) >= 1 and len(train) >= 1
+    with pytest.raises(prepare_data.DataError, match="single short document"):
+        prepare_data.split_documents(docs[:1], 0.05)
+    pieces = prepare_data.cut_pieces("book.txt", ("a line of a long book\n" * 20000))
+    assert len(pieces) > 5 and "".join(t for _, t in pieces) == "a line of a long book\n" * 20000
+
+
+def test_data_build_tiny_dataset(tmp_path):
+    folder = _data_text_dir(tmp_path)
+    (folder / "image.bin").write_bytes(b"\x89PNG\0\0binary")  # skipped: not text
+    out = str(tmp_path / "out" / "tiny")
+    t0 = time.time()
+    meta = prepare_data.build_text_dataset([str(folder)], out, vocab_size=512, shard_tokens=30000)
+    assert time.time() - t0 < 10
+    assert meta == prepare_data.load_meta(out) and meta["complete"] is True and list(meta)[-1] == "complete"
+    for key in ("name", "source", "tokenizer", "vocab_size", "pattern", "special_tokens", "eot_id",
+                "train_shards", "val_shards", "train_tokens", "val_tokens", "bytes_per_token", "sha256"):
+        assert key in meta
+    assert meta["name"] == "tiny" and meta["tokenizer"] == "bpe" and meta["vocab_size"] == 512
+    assert meta["special_tokens"] == {"<|endoftext|>": 511} == {"<|endoftext|>": meta["eot_id"]}
+    assert len(meta["train_shards"]) > 1 and meta["val_shards"] == ["val_000000.bin"]
+    for f, digest in meta["sha256"].items():
+        assert prepare_data.file_sha256(os.path.join(out, f)) == digest
+    enc, token_bytes = prepare_data.load_tokenizer(out), prepare_data.load_token_bytes(out)
+    assert enc.n_vocab == 512 and token_bytes.dtype == np.int32 and token_bytes.shape == (512,)
+    assert token_bytes[511] == 0 and token_bytes[:256].tolist() == [1] * 256
+    splits = {}
+    for split in ("train", "val"):
+        tokens = np.concatenate([prepare_data.read_shard(os.path.join(out, f)) for f in meta[f"{split}_shards"]])
+        assert len(tokens) == meta[f"{split}_tokens"]
+        assert token_bytes[tokens].sum() == meta[f"{split}_bytes"]  # what bits per byte relies on
+        splits[split] = {enc.decode(doc.tolist()) for doc in _data_split_docs(tokens, 511)}
+    originals = {text for _, text in prepare_data.read_documents(prepare_data.text_files([str(folder)]))[0]}
+    assert any("#" in name for name, _ in prepare_data.read_documents(prepare_data.text_files([str(folder)]))[0])
+    assert splits["train"] | splits["val"] == originals  # exact round trip through the shards
+    assert not splits["train"] & splits["val"] and len(splits["val"]) >= 1
+    again = prepare_data.build_text_dataset([str(folder)], out, vocab_size=512, shard_tokens=30000)
+    assert again["sha256"] == meta["sha256"]  # deterministic
+
+
+def test_data_undecodable_bytes_are_replaced_and_counted(tmp_path):
+    folder = _data_text_dir(tmp_path, n_files=4)
+    (folder / "latin1.txt").write_bytes("caf\u00e9 \ufffd ok ".encode() + b"\xff\xfe bad \xc3")
+    meta = prepare_data.build_text_dataset([str(folder)], str(tmp_path / "out"), vocab_size=300)
+    assert meta["replaced_chars"] == 3  # \xff, \xfe, a cut-off \xc3; the real U+FFFD is text
+
+
+def test_data_gpt2_like_tokenizer(tmp_path, monkeypatch):
+    folder, ranks_file = _data_text_dir(tmp_path, n_files=4), _data_fake_gpt2_ranks(tmp_path)
+    out = str(tmp_path / "g")
+    meta = prepare_data.build_text_dataset([str(folder)], out, tokenizer="gpt2", tiktoken_file=ranks_file)
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["eot_id"] == 50256
+    assert meta["pattern"] == prepare_data.GPT2_PATTERN and meta["bytes_per_token"] == 1.0
+    token_bytes = prepare_data.load_token_bytes(out)
+    assert token_bytes.shape == (50257,) and token_bytes.sum() == 256
+    enc = prepare_data.load_tokenizer(out)
+    assert enc.decode(enc.encode_ordinary("héllo  \n\tworld")) == "héllo  \n\tworld"
+    monkeypatch.setattr(prepare_data.tiktoken, "get_encoding", lambda name: 1 / 0)  # offline, like here
+    with pytest.raises(prepare_data.DataError, match="--tiktoken-file"):
+        prepare_data.build_text_dataset([str(folder)], str(tmp_path / "g2"), tokenizer="gpt2")
+    assert not os.path.exists(tmp_path / "g2")
+
+
+# -----------------------------------------------------------------------------
+# FineWeb-Edu downloads against a local server
+
+def test_data_fineweb_download_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_data, "RETRY_DELAY", 0.01)
+    rng = np.random.default_rng(0)
+    shards = {name: np.concatenate([[50256], rng.integers(0, 256, 3000)]).astype(np.uint16)
+              for name in ("finewebedu_val_000000.bin", "finewebedu_train_000001.bin",
+                           "finewebedu_train_000002.bin")}
+    body = {name: _data_shard_bytes(tmp_path, t) for name, t in shards.items()}
+    plan = {"finewebedu_val_000000.bin": [body["finewebedu_val_000000.bin"]],
+            "finewebedu_train_000001.bin": [503, ("cut", body["finewebedu_train_000001.bin"]),
+                                            body["finewebedu_train_000001.bin"]],
+            "finewebedu_train_000002.bin": [body["finewebedu_train_000002.bin"]]}
+    out, ranks_file = str(tmp_path / "fw"), _data_fake_gpt2_ranks(tmp_path)
+    with _DataServer(plan) as server:
+        meta = prepare_data.download_fineweb(out, 2, server.url, retries=3, tiktoken_file=ranks_file)
+        assert server.hits.count("finewebedu_train_000001.bin") == 3  # error, cut, success
+        assert meta == prepare_data.load_meta(out) and meta["train_tokens"] == 6002 and meta["val_tokens"] == 3001
+        for name, tokens in shards.items():
+            assert np.array_equal(prepare_data.read_shard(os.path.join(out, name)), tokens)
+        assert meta["bytes_per_token"] == 1.0 and prepare_data.load_token_bytes(out).shape == (50257,)
+        assert sorted(os.listdir(out)) == sorted(list(shards) + ["meta.json", "token_bytes.npy",
+                                                                  "tokenizer.tiktoken"])
+        hits = len(server.hits)
+        prepare_data.download_fineweb(out, 2, server.url, retries=3, tiktoken_file=ranks_file)
+        assert len(server.hits) == hits  # complete shards are skipped
+        # without the GPT-2 ranks the shards still download; bits per byte says what is missing
+        monkeypatch.setattr(prepare_data.tiktoken, "get_encoding", lambda name: 1 / 0)
+        meta = prepare_data.download_fineweb(str(tmp_path / "fw2"), 1, server.url, retries=1)
+        assert meta["token_bytes"] is False and meta["bytes_per_token"] is None
+        with pytest.raises(prepare_data.DataError, match="--tiktoken-file"):
+            prepare_data.load_token_bytes(str(tmp_path / "fw2"))
+
+
+def test_data_fineweb_bad_downloads(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_data, "RETRY_DELAY", 0.01)
+    good = _data_shard_bytes(tmp_path, np.arange(2000) % 300)
+    cases = {"cut": (("cut", good), "closed after"), "short": (good[:-6], "truncated"),
+             "foreign": (b"<html>not found</html>" * 100, "not a token shard"),
+             "error": (500, "HTTP 500"), "missing": (404, "HTTP 404")}
+    for case, (response, message) in cases.items():
+        out = str(tmp_path / case)
+        with _DataServer({"finewebedu_val_000000.bin": [response]}) as server:
+            with pytest.raises(prepare_data.DataError, match=message) as e:
+                prepare_data.download_fineweb(out, 1, server.url, retries=2, tiktoken_file=_data_fake_gpt2_ranks(tmp_path))
+            assert server.hits.count("finewebedu_val_000000.bin") == (1 if case == "missing" else 2)
+        assert server.url in str(e.value) and "--base-url" in str(e.value) and prepare_data.URL_ENV in str(e.value)
+        assert _data_valid_shards(out) == [] and os.listdir(out) == []  # nothing half-written
+
+
+def test_data_interrupted_download_leaves_no_shard(tmp_path):
+    ranks_file = _data_fake_gpt2_ranks(tmp_path)
+    body = _data_shard_bytes(tmp_path, np.arange(20000) % 300)
+    out_root = tmp_path / "data"
+    args = ["--dataset", "fineweb-edu", "--shards", "1", "--out-dir", out_root, "--tiktoken-file", ranks_file]
+    plan = {"finewebedu_val_000000.bin": [("slow", body), body], "finewebedu_train_000001.bin": [body]}
+    with _DataServer(plan) as server:
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "prepare_data.py"), *map(str, args),
+                                 "--base-url", server.url], stderr=subprocess.PIPE, text=True, cwd=HERE)
+        part = out_root / "fineweb-edu" / "finewebedu_val_000000.bin.part"
+        deadline = time.time() + 20
+        while not part.exists() and time.time() < deadline:
+            time.sleep(0.02)
+        assert part.exists(), "the download never started"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=20)
+        assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+        assert _data_valid_shards(out_root / "fineweb-edu") == []
+        assert os.listdir(out_root / "fineweb-edu") == []
+        with pytest.raises(prepare_data.DataError, match="no dataset"):
+            prepare_data.load_meta(str(out_root / "fineweb-edu"))
+        result = _data_run(*args, "--base-url", server.url)  # a rerun finishes the job
+        assert result.returncode == 0, result.stderr
+    assert prepare_data.load_meta(str(out_root / "fineweb-edu"))["val_tokens"] == 20000
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line, exit code 2, nothing left behind
+
+def test_data_bad_inputs_give_one_line_errors(tmp_path, monkeypatch):
+    folder = _data_text_dir(tmp_path, n_files=6)
+    (tmp_path / "binary_only").mkdir()
+    (tmp_path / "binary_only" / "x.bin").write_bytes(b"\0\1\2")
+    out = tmp_path / "out"
+    with _DataServer({"finewebedu_val_000000.bin": [500]}) as failing, \
+         _DataServer({"finewebedu_val_000000.bin": [b"\x01\x02" * 700]}) as foreign:
+        cases = [
+            (["--dataset", "nope"], "unknown dataset"),
+            (["--input", tmp_path / "missing"], "input path not found"),
+            (["--input", tmp_path / "binary_only"], "no text found"),
+            (["--input", folder, "--vocab-size", 70000], "too large"),
+            (["--input", folder, "--vocab-size", 100], "too small"),
+            (["--input", folder, "--vocab-size", "abc"], "invalid int"),
+            (["--input", folder, "--tokenizer", "gpt3"], "unknown --tokenizer"),
+            (["--dataset", "fineweb-edu", "--base-url", failing.url, "--retries", 1], "download failed"),
+            (["--dataset", "fineweb-edu", "--base-url", foreign.url, "--retries", 1], "not a token shard"),
+        ]
+        for args, message in cases:
+            result = _data_run(*args, "--out-dir", out)
+            assert result.returncode == 2, (args, result.stderr)
+            last = result.stderr.splitlines()[-1]  # downloads show their progress lines first
+            assert last.startswith("error: ") and message in last, (args, result.stderr)
+            assert "Traceback" not in result.stderr
+            assert "fineweb" in str(args) or result.stderr.count("\n") == 1
+            assert not out.exists() or _data_valid_shards(out / "fineweb-edu") == []
+    assert "--base-url" in _data_run("--dataset", "fineweb-edu", "--base-url", "http://127.0.0.1:9/x",
+                                     "--retries", 1, "--out-dir", out).stderr
+    # an output folder holding a different dataset is refused unless --overwrite
+    assert _data_run("--input", folder, "--name", "tiny", "--out-dir", out, "--vocab-size", 300).returncode == 0
+    result = _data_run("--input", folder, "--name", "tiny", "--out-dir", out, "--vocab-size", 400)
+    assert result.returncode == 2 and "different dataset" in result.stderr and "--overwrite" in result.stderr
+    assert json.load(open(out / "tiny" / "meta.json"))["vocab_size"] == 300  # untouched
+    result = _data_run("--input", folder, "--name", "tiny", "--out-dir", out, "--vocab-size", 400, "--overwrite")
+    assert result.returncode == 0 and prepare_data.load_meta(str(out / "tiny"))["vocab_size"] == 400
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my own notes")
+    result = _data_run("--input", folder, "--name", "mine", "--out-dir", tmp_path)
+    assert result.returncode == 2 and "not ours" in result.stderr
+    monkeypatch.chdir(tmp_path)  # stack_gpt.py's default --data, before any build
+    with pytest.raises(prepare_data.DataError, match=r"no dataset in data/stdlib .*run: python prepare_data.py$"):
+        prepare_data.load_meta(prepare_data.DEFAULT_DATA_DIR)
 
 
 # -----------------------------------------------------------------------------
@@ -463,6 +857,7 @@ def test_init_from_checkpoint_that_does_not_fit(capsys, tiny_run, tiny_data, tmp
     import json as json_package
     other_vocab = str(tmp_path / "vocab300")
     prepare_data.build_text_dataset([os.path.dirname(json_package.__file__)], other_vocab, vocab_size=300)
+    capsys.readouterr()  # the build's progress lines
     argv = TINY + ["--data", other_vocab, "--out-dir", str(tmp_path / "d"), "--init-from", shallow]
     expect_usage_error(capsys, argv, "vocab_size=512 (this run: 300)")
     final = os.path.join(tiny_run, "final.pt")
