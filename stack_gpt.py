@@ -67,7 +67,7 @@ def get_parser():
     o.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW learning rate for x0_lambdas (resid_lambdas get 1%% of it)")
     o.add_argument("--weight-decay", type=float, default=0.2, help="Muon cautious weight decay at d12 (scaled with batch and horizon)")
     o.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of each phase spent in linear LR warmup")
-    o.add_argument("--warmdown-ratio", type=float, default=None, help="fraction of the deep (or only) phase spent decaying the LR (default: 1.0 after stacking, 0.5 for a baseline)")
+    o.add_argument("--warmdown-ratio", type=float, default=None, help="fraction of the deep (or only) phase spent decaying the LR (default: 1.0 after stacking, 0.5 for a baseline or a global schedule)")
     o.add_argument("--shallow-warmdown-ratio", type=float, default=0.0, help="warmdown ratio of the shallow phase")
     o.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of warmdown")
     e = p.add_argument_group("evaluation and logging")
@@ -75,6 +75,12 @@ def get_parser():
     e.add_argument("--eval-tokens", type=int, default=40 * 2**19, help="number of val tokens per evaluation (the same ones every time)")
     e.add_argument("--sample-tokens", type=int, default=48, help="tokens to sample at the end of each phase (0 = no sample)")
     e.add_argument("--log-every", type=int, default=1, help="print and record the train loss every N steps")
+    g = p.add_argument_group("growth (see the README for what each choice tests)")
+    g.add_argument("--grow", choices=GROW_OPERATORS, default="stack", help="how the shallow layers become the deep ones")
+    g.add_argument("--grow-optim", choices=("reset", "carry"), default="reset", help="start the deep phase's optimizer fresh, or carry each parameter's state to its copies")
+    g.add_argument("--schedule", choices=("phases", "global"), default="phases", help="each phase its own LR schedule, or one schedule over the whole run's FLOPs")
+    g.add_argument("--baseline", default=None, help="metrics.jsonl (or run folder) of a baseline run: end with the acceleration report against it")
+    g.add_argument("--compare", nargs="+", metavar="METRICS", default=None, help="print the acceleration report of finished runs against the first one (a baseline) and exit")
     r = p.add_argument_group("run")
     r.add_argument("--data", default=prepare_data.DEFAULT_DATA_DIR, help="dataset folder written by prepare_data.py")
     r.add_argument("--out-dir", default=None, help="run folder for config, metrics and checkpoints (default: runs/<d6s12 or d12>)")
@@ -107,8 +113,8 @@ def resolve_args(argv=None):
         raise UsageError("--init-from starts the deep phase from a shallow checkpoint: give --stack-to too")
     args.stacked = args.stack_to is not None
     args.final_depth = args.stack_to if args.stacked else args.depth
-    if args.warmdown_ratio is None:
-        args.warmdown_ratio = 1.0 if args.stacked else 0.5  # the write-up's best deep-phase value; nanochat's default
+    if args.warmdown_ratio is None:  # the write-up's best deep-phase value after stacking, else nanochat's default
+        args.warmdown_ratio = 1.0 if args.stacked and args.schedule == "phases" else 0.5
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device not in ("cuda", "cpu"):
@@ -518,7 +524,8 @@ def build_optimizer(model, args, batch_size, weight_decay):
 # Schedules (functions of the step within a phase)
 
 def lr_multiplier(step, steps, warmup_ratio, warmdown_ratio, final_lr_frac):
-    """Linear warmup, then 1.0, then a linear decay over the last warmdown_ratio * steps to final_lr_frac."""
+    """Linear warmup, then 1.0, then a linear decay over the last warmdown_ratio * steps to final_lr_frac.
+    (The global schedule passes FLOPs done and FLOPs planned as step and steps.)"""
     warmup, warmdown = round(warmup_ratio * steps), round(warmdown_ratio * steps)
     if step < warmup:
         return (step + 1) / warmup
@@ -538,31 +545,60 @@ def weight_decay_at(step, steps, weight_decay):
     return weight_decay * (1 - step / steps)
 
 
+def schedule_at(phase, step, args, ctx):
+    """
+    (LR multiplier, Muon momentum, weight decay) for a step. With --schedule phases each phase
+    runs its own schedules over its own steps (the write-up and the paper restart at growth).
+    With --schedule global one schedule runs over the whole run, measured in FLOPs, so the LR
+    is continuous across the growth and decays only at the end.
+    """
+    if args.schedule == "phases":
+        return (lr_multiplier(step, phase.steps, args.warmup_ratio, phase.warmdown_ratio, args.final_lr_frac),
+                muon_momentum(step), weight_decay_at(step, phase.steps, phase.weight_decay))
+    done = ctx["flops_before"] + phase.flops_per_token * phase.batch_size * step
+    return (lr_multiplier(done, ctx["total_flops"], args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac),
+            muon_momentum(ctx["steps_before"] + step), weight_decay_at(done, ctx["total_flops"], phase.weight_decay))
+
+
 # -----------------------------------------------------------------------------
 # Stacking: grow a shallow model into a deep one
 
-def stack_layer_map(n_layer, growth_factor):
-    """G_stack's layer order: the whole block of layers repeated, [0..L-1] * g."""
+GROW_OPERATORS = ("stack", "interleave", "identity", "random")
+
+
+def growth_layer_map(n_layer, growth_factor, grow="stack"):
+    """
+    Which shallow layer each deep layer starts from. `interleave` repeats each layer in place,
+    [0,0,1,1,...]; the others keep G_stack's block order [0..L-1] * g, where the first pass
+    holds the original layers and the later passes their copies.
+    """
+    if grow == "interleave":
+        return [i for i in range(n_layer) for _ in range(growth_factor)]
     return [i for _ in range(growth_factor) for i in range(n_layer)]
 
 
-def grow_tensors(tensors, layer_map):
+PER_LAYER_VECTORS = ("resid_lambdas", "x0_lambdas")
+
+
+def grow_tensors(named, layer_map):
     """
-    Map a shallow model's named tensors (its state dict, or any per-parameter state keyed the
-    same way) to the deep model's: deep layer j takes everything of shallow layer layer_map[j],
-    per-layer vectors are indexed by the map, everything else (embeddings, head) is carried over.
+    Map a shallow model's named values to the deep model's: deep layer j takes everything of
+    shallow layer layer_map[j], per-layer vectors are indexed by the map, everything else
+    (embeddings, head) is carried over. Values are tensors (a state dict) or dicts of them
+    (each parameter's optimizer state), so weights and optimizer state move by one rule.
     """
-    per_layer_vectors = ("resid_lambdas", "x0_lambdas")
-    deep = {}
-    for name, t in tensors.items():
-        if name.startswith("blocks."):
-            continue
-        deep[name] = t[layer_map].clone() if name in per_layer_vectors else t.clone()
+    def take(value, layers=None):
+        if isinstance(value, dict):
+            return {k: take(v, layers) for k, v in value.items()}
+        if not torch.is_tensor(value):
+            return value  # e.g. AdamW's step count
+        return value[layers].clone() if layers is not None else value.clone()
+
+    deep = {name: take(v, layer_map if name in PER_LAYER_VECTORS else None)
+            for name, v in named.items() if not name.startswith("blocks.")}
     for j, source in enumerate(layer_map):
         prefix = f"blocks.{source}."
-        for name, t in tensors.items():
-            if name.startswith(prefix):
-                deep[f"blocks.{j}." + name[len(prefix):]] = t.clone()
+        deep.update({f"blocks.{j}.{name[len(prefix):]}": take(v) for name, v in named.items() if name.startswith(prefix)})
     return deep
 
 
@@ -572,19 +608,48 @@ def stacked_config(shallow_config, layer_map):
     return GPTConfig(**{**asdict(shallow_config), "n_layer": len(layer_map), "ve_layers": ve_layers})
 
 
-def stack_model(shallow, growth_factor):
+def stack_model(shallow, growth_factor, grow="stack"):
     """
-    The deep model: shallow's layers repeated growth_factor times, every copy computing exactly
-    what its source computed (nanochat's even/odd rule for value-embedding layers would move
-    them when the depth changes, so the deep config takes its layout from the sources instead).
-    Optimizer state and the step counter start fresh, as in the paper and the write-up.
+    The deep model, grown from the shallow one by one of four operators:
+      stack       G_stack: copies in block order, each computing exactly what its source did
+      interleave  the same copies, each next to its source
+      identity    G_zero: copies whose output projections are zero and whose lambdas pass the
+                  residual stream through (resid 1, x0 0): the deep model's logits equal the shallow one's
+      random      G_random without a mask: the later passes are new layers, initialized as a deep model's
+    nanochat's even/odd rule for value-embedding layers would move them when the depth changes, so
+    the deep config takes its layout from the sources instead.
     """
-    layer_map = stack_layer_map(shallow.config.n_layer, growth_factor)
+    n_layer = shallow.config.n_layer
+    layer_map = growth_layer_map(n_layer, growth_factor, grow)
     deep = GPT(stacked_config(shallow.config, layer_map)).to(shallow.wte.weight.device)
     for table in deep.embeddings():
         table.to(shallow.wte.weight.dtype)  # bf16 tables stay bf16 on CUDA
-    deep.load_state_dict(grow_tensors(shallow.state_dict(), layer_map))
+    grown = grow_tensors(shallow.state_dict(), layer_map)
+    copies = range(n_layer, len(layer_map))
+    if grow == "identity":
+        for j in copies:
+            grown[f"blocks.{j}.attn.c_proj.weight"].zero_()
+            grown[f"blocks.{j}.mlp.c_proj.weight"].zero_()
+            grown["resid_lambdas"][j], grown["x0_lambdas"][j] = 1.0, 0.0  # so the layer maps x to x
+    elif grow == "random":
+        deep.init_weights()
+        fresh = deep.state_dict()
+        for j in copies:
+            grown.update({k: v for k, v in fresh.items() if k.startswith(f"blocks.{j}.")})
+            for name in PER_LAYER_VECTORS:
+                grown[name][j] = fresh[name][j]
+    deep.load_state_dict(grown)
     return deep
+
+
+def carry_optimizer_state(shallow, shallow_optimizer, deep, deep_optimizer, growth_factor, grow):
+    """--grow-optim carry: every deep parameter starts with its source's optimizer state (momenta, variances, steps)."""
+    layer_map = growth_layer_map(shallow.config.n_layer, growth_factor, grow)
+    state = {name: shallow_optimizer.state[p] for name, p in shallow.named_parameters() if shallow_optimizer.state[p]}
+    grown = grow_tensors(state, layer_map)
+    for name, p in deep.named_parameters():
+        if name in grown:
+            deep_optimizer.state[p] = grown[name]
 
 
 # -----------------------------------------------------------------------------
@@ -673,7 +738,7 @@ def plan_phases(args, vocab_size, shallow_flops=None):
     phases = []
     if args.stacked:
         shallow_config = model_config(args.depth, args.final_depth, args, vocab_size)
-        final_config = stacked_config(shallow_config, stack_layer_map(args.depth, args.stack_to // args.depth))
+        final_config = stacked_config(shallow_config, growth_layer_map(args.depth, args.stack_to // args.depth, args.grow))
         if shallow_flops is None:
             params, fpt = measure(shallow_config)
             batch, wd = batch_and_weight_decay(params, ref_params, args)
@@ -703,12 +768,13 @@ def plan_phases(args, vocab_size, shallow_flops=None):
 # -----------------------------------------------------------------------------
 # Checkpoints and the run folder
 
-def save_checkpoint(path, model, optimizer, args, phase, step, loader, flops):
+def save_checkpoint(path, model, optimizer, args, phase, ctx):
     """Model, optimizer, config, position in the data and RNG; written whole to a temp file, then renamed."""
     state = {
         "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "model_config": asdict(model.config), "args": vars(args), "phase": phase.name, "step": step,
-        "loader": loader.state_dict(), "rng": torch.get_rng_state(), "flops": flops,
+        "model_config": asdict(model.config), "args": vars(args), "phase": phase.name, "step": phase.steps,
+        "batch_size": phase.batch_size, "weight_decay": phase.weight_decay,
+        "loader": ctx["loader"].state_dict(), "rng": torch.get_rng_state(), "flops": ctx["flops_before"],
     }
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
@@ -796,18 +862,17 @@ class TrainingDiverged(Exception):
     pass
 
 
-def train_phase(phase, model, args, ctx, flops_before):
-    """Train `model` for phase.steps optimizer steps; evaluate on the way and at the end. Returns the optimizer."""
-    optimizer = build_optimizer(model, args, phase.batch_size, phase.weight_decay)
+def train_phase(phase, model, optimizer, args, ctx):
+    """Train `model` for phase.steps optimizer steps, evaluating on the way and at the end."""
     step_model = torch.compile(model, dynamic=False) if args.compile else model
-    rows = phase.batch_size // args.seq_len
-    accum = rows // args.device_batch_size  # micro-batches per optimizer step
+    accum = phase.batch_size // (args.device_batch_size * args.seq_len)  # micro-batches per optimizer step
+    tokens_per_step_flops = phase.flops_per_token * phase.batch_size
     log, peak = ctx["log"], ctx["peak"]
     smooth_loss = 0.0
     phase_start = last_log_time = time.time()
     last_log_step = 0
     for step in range(phase.steps + 1):
-        flops = flops_before + phase.flops_per_token * phase.batch_size * step
+        flops = ctx["flops_before"] + tokens_per_step_flops * step
         if step == phase.steps or (args.eval_every and step % args.eval_every == 0):
             model.eval()
             bpb = evaluate_bpb(step_model, ctx["val"], ctx["token_bytes"], ctx["autocast"])
@@ -824,19 +889,18 @@ def train_phase(phase, model, args, ctx, flops_before):
                 loss = step_model(x, y)
             (loss / accum).backward()  # gradients add up over micro-batches: divide to get the mean
             loss_sum += loss.detach()
-        lrm = lr_multiplier(step, phase.steps, args.warmup_ratio, phase.warmdown_ratio, args.final_lr_frac)
+        lrm, momentum, weight_decay = schedule_at(phase, step, args, ctx)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
-                group["momentum"] = muon_momentum(step)
-                group["weight_decay"] = weight_decay_at(step, phase.steps, phase.weight_decay)
+                group["momentum"], group["weight_decay"] = momentum, weight_decay
         optimizer.step()
         model.zero_grad(set_to_none=True)
         if (step + 1) % args.log_every and step + 1 != phase.steps:
             continue  # no host sync on the steps we don't log
         loss = (loss_sum / accum).item()  # the one host sync of a logged step
         if not math.isfinite(loss):
-            raise TrainingDiverged(f"{phase.name} phase: loss is {loss} at step {step}; the last checkpoint is left as it was")
+            raise TrainingDiverged(f"{phase.name} phase: loss is {loss} at step {step + 1}; the last checkpoint is left as it was")
         now = time.time()
         dt = (now - last_log_time) / (step + 1 - last_log_step)  # mean over the steps since the last log line
         last_log_time, last_log_step = now, step + 1
@@ -850,25 +914,39 @@ def train_phase(phase, model, args, ctx, flops_before):
             f"tok/s {tok_per_s:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu is not None else "") +
             f" | elapsed {elapsed / 60:.1f}m | eta {eta / 60:.1f}m",
             kind="train", phase=phase.name, step=step + 1, loss=smoothed, raw_loss=loss, lrm=lrm, dt=dt,
-            tok_per_s=tok_per_s, mfu=mfu, flops=flops + phase.flops_per_token * phase.batch_size, elapsed=elapsed)
+            tok_per_s=tok_per_s, mfu=mfu, flops=flops + tokens_per_step_flops, elapsed=elapsed)
     if args.sample_tokens:
         text = sample_text(model, ctx["tokenizer"], ctx["prompt"], args.sample_tokens, ctx["autocast"])
         log(f"{phase.name} sample: {text!r}", kind="sample", phase=phase.name, text=text)
     ctx["val_bpb"][phase.name] = bpb
-    return optimizer
+    ctx["flops_before"] += phase.flops
+    ctx["steps_before"] += phase.steps
 
 
-def describe_plan(phases, args, meta):
+def paper_growth_tokens(params, flops):
+    """Du et al.'s fit for how many tokens to train before growing: log10 d = 0.88 log10 N + 163.27 / log10 C - 5.74."""
+    return 10 ** (0.88 * math.log10(params) + 163.27 / math.log10(flops) - 5.74)
+
+
+def describe_plan(phases, args, meta, flops_before=0):
     """What the run will do, in FLOPs and tokens, before it starts."""
-    total_tokens = sum(p.batch_size * p.steps for p in phases)
     lines = []
     for p in phases:
         c = p.config
         lines.append(f"{p.name}: {c.n_layer} layers x {c.n_embd} wide, {c.n_head} heads | {p.steps} steps x {p.batch_size:,} tokens"
                      f" | {p.flops_per_token:.3e} FLOPs/token | {p.flops:.3e} FLOPs | warmdown {p.warmdown_ratio} | wd {p.weight_decay:.4f}")
-    epochs = total_tokens / meta["train_tokens"]
-    lines.append(f"total: {sum(p.flops for p in phases):.3e} FLOPs, {total_tokens:,} tokens"
+    tokens = [p.batch_size * p.steps for p in phases]
+    total_flops = flops_before + sum(p.flops for p in phases)
+    epochs = sum(tokens) / meta["train_tokens"]
+    lines.append(f"total: {total_flops:.3e} FLOPs, {sum(tokens):,} tokens"
                  + (f" = {epochs:.2f} epochs of the {meta['train_tokens']:,} train tokens" if epochs > 1 else ""))
+    if args.stacked and not flops_before:
+        with torch.device("meta"):
+            deep_params = GPT(phases[-1].config).param_counts()["total"]
+        fit = paper_growth_tokens(deep_params, total_flops)
+        lines.append(f"growth after {phases[0].flops / total_flops:.1%} of the FLOPs and {tokens[0] / sum(tokens):.1%} of the tokens; "
+                     f"the paper's fit for {deep_params:,} params and {total_flops:.2e} FLOPs grows after {fit:.3g} tokens"
+                     + (" (beyond this whole run: its fit does not reach down to this scale)" if fit > sum(tokens) else ""))
     return "\n".join(lines)
 
 
@@ -880,47 +958,128 @@ def run(args):
     init = load_checkpoint(args.init_from, args.device) if args.init_from else None
     if init:
         check_init_from(init, args, meta["vocab_size"])
+    baseline = read_metrics(args.baseline) if args.baseline else None
     phases = plan_phases(args, meta["vocab_size"], shallow_flops=init["flops"] if init else None)
     prepare_run_dir(args)
     log = RunLog(args.out_dir)
     log(f"config: {json.dumps(vars(args))}")
-    log(describe_plan(phases, args, meta), kind="plan", phases=[{**asdict(p), "flops": p.flops} for p in phases])
+    flops_before = init["flops"] if init else 0
+    log(describe_plan(phases, args, meta, flops_before), kind="plan", phases=[{**asdict(p), "flops": p.flops} for p in phases])
     if args.device == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls outside autocast
     ctx = dict(log=log, peak=peak_flops(args.device), autocast=autocast_for(args.device), tokenizer=tokenizer,
                loader=TokenWindows(train_shards, args.seq_len, args.seed, args.device),
                val=val_batches(val_shards, args, args.device), prompt=[int(t) for t in val_shards[0][:8]],
-               token_bytes=torch.tensor(prepare_data.load_token_bytes(args.data), device=args.device), val_bpb={})
-    start, flops = time.time(), 0
+               token_bytes=torch.tensor(prepare_data.load_token_bytes(args.data), device=args.device), val_bpb={},
+               flops_before=flops_before, steps_before=init["step"] if init else 0,
+               total_flops=flops_before + sum(p.flops for p in phases))
+    start, deep = time.time(), phases[-1]
     if args.stacked:
         if init:
             shallow = GPT(init["model_config"]).to(args.device)
             shallow.load_state_dict(init["model"])
+            shallow_optimizer = build_optimizer(shallow, args, init["batch_size"], init["weight_decay"])
+            shallow_optimizer.load_state_dict(init["optimizer"])
             ctx["loader"].load_state_dict(init["loader"])
             torch.set_rng_state(init["rng"].cpu())
-            flops = init["flops"]
-            log(f"shallow model from {args.init_from} ({flops:.3e} FLOPs already spent)")
+            log(f"shallow model from {args.init_from} ({flops_before:.3e} FLOPs already spent)")
         else:
             shallow = build_model(phases[0].config, args.device)
-            optimizer = train_phase(phases[0], shallow, args, ctx, flops)
-            flops = phases[0].flops
-            save_checkpoint(os.path.join(args.out_dir, "shallow.pt"), shallow, optimizer, args, phases[0], phases[0].steps, ctx["loader"], flops)
-        model = stack_model(shallow, args.stack_to // args.depth)
-        del shallow
-        log(f"stacked {args.depth} -> {args.stack_to} layers")
+            shallow_optimizer = build_optimizer(shallow, args, phases[0].batch_size, phases[0].weight_decay)
+            train_phase(phases[0], shallow, shallow_optimizer, args, ctx)
+            save_checkpoint(os.path.join(args.out_dir, "shallow.pt"), shallow, shallow_optimizer, args, phases[0], ctx)
+        growth_factor = args.stack_to // args.depth
+        model = stack_model(shallow, growth_factor, args.grow)
+        optimizer = build_optimizer(model, args, deep.batch_size, deep.weight_decay)
+        if args.grow_optim == "carry":
+            carry_optimizer_state(shallow, shallow_optimizer, model, optimizer, growth_factor, args.grow)
+        del shallow, shallow_optimizer
+        log(f"grew {args.depth} -> {args.stack_to} layers by {args.grow}, optimizer state {args.grow_optim}")
     else:
-        model = build_model(phases[-1].config, args.device)
-    optimizer = train_phase(phases[-1], model, args, ctx, flops)
-    flops += phases[-1].flops
-    save_checkpoint(os.path.join(args.out_dir, "final.pt"), model, optimizer, args, phases[-1], phases[-1].steps, ctx["loader"], flops)
+        model = build_model(deep.config, args.device)
+        optimizer = build_optimizer(model, args, deep.batch_size, deep.weight_decay)
+    train_phase(deep, model, optimizer, args, ctx)
+    save_checkpoint(os.path.join(args.out_dir, "final.pt"), model, optimizer, args, deep, ctx)
     wall = time.time() - start
-    log(f"done: val bpb {' | '.join(f'{k} {v:.4f}' for k, v in ctx['val_bpb'].items())} | {flops:.3e} FLOPs | {wall / 60:.1f} min",
-        kind="summary", val_bpb=ctx["val_bpb"], flops=flops, phase_flops={p.name: p.flops for p in phases}, wall_time=wall)
+    log(f"done: val bpb {' | '.join(f'{k} {v:.4f}' for k, v in ctx['val_bpb'].items())} | {ctx['flops_before']:.3e} FLOPs | {wall / 60:.1f} min",
+        kind="summary", val_bpb=ctx["val_bpb"], flops=ctx["flops_before"], phase_flops={p.name: p.flops for p in phases}, wall_time=wall)
+    if baseline:
+        log(format_report([acceleration(baseline, read_metrics(log.path), args.out_dir)]))
+
+
+# -----------------------------------------------------------------------------
+# The acceleration report: how much of the baseline's compute did the stacked run need?
+
+def read_metrics(path):
+    """The records of a run's metrics.jsonl (path to the file or to its run folder)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise UsageError(f"no metrics file at {path}: give a run folder or its metrics.jsonl")
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    if not any(r.get("kind") == "eval" for r in records):
+        raise UsageError(f"{path} has no evaluations yet: give the metrics of a run that has evaluated")
+    return records
+
+
+def first_reaching(records, key, target):
+    """Cumulative FLOPs at the first record whose `key` is at or below target, or None."""
+    return next((r["flops"] for r in records if r[key] <= target), None)
+
+
+def acceleration(baseline, run, name):
+    """
+    Compare a run with a baseline as the paper and the write-up do: the fraction of the
+    baseline's total FLOPs at which the run (shallow phase included) first reaches the
+    baseline's final smoothed train loss, and its final val bpb. saving = 1 - fraction,
+    and the paper's speedup = 1/fraction - 1 (compute the baseline needed over what we needed).
+    """
+    base_train = [r for r in baseline if r["kind"] == "train"]
+    base_evals = [r for r in baseline if r["kind"] == "eval"]
+    train = [r for r in run if r["kind"] == "train"]
+    evals = [r for r in run if r["kind"] == "eval"]
+    budget = base_evals[-1]["flops"]
+    at_budget = [r for r in evals if r["flops"] <= budget * (1 + 1e-9)]
+    row = dict(name=name, val_bpb=evals[-1]["val_bpb"], flops=evals[-1]["flops"], baseline_val_bpb=base_evals[-1]["val_bpb"],
+               baseline_flops=budget, val_bpb_at_budget=at_budget[-1]["val_bpb"] if at_budget else None)
+    for metric, records, key, target in [("loss", train, "loss", base_train[-1]["loss"]), ("bpb", evals, "val_bpb", base_evals[-1]["val_bpb"])]:
+        reached = first_reaching(records, key, target)
+        fraction = reached / budget if reached is not None else None
+        row[f"{metric}_fraction"] = fraction
+        row[f"{metric}_saving"] = 1 - fraction if fraction else None
+        row[f"{metric}_speedup"] = 1 / fraction - 1 if fraction else None
+    return row
+
+
+def format_report(rows):
+    """The rows of acceleration() as a markdown table."""
+    pct = lambda x: "not reached" if x is None else f"{100 * x:.1f}%"
+    lines = [f"baseline: val bpb {rows[0]['baseline_val_bpb']:.4f} at {rows[0]['baseline_flops']:.3e} FLOPs", "",
+             "| run | val bpb | FLOPs | val bpb at baseline FLOPs | reaches baseline train loss at | saving | speedup "
+             "| reaches baseline val bpb at | saving | speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        at_budget = "-" if r["val_bpb_at_budget"] is None else f"{r['val_bpb_at_budget']:.4f}"
+        lines.append(f"| {r['name']} | {r['val_bpb']:.4f} | {r['flops']:.3e} | {at_budget} | "
+                     + " | ".join(f"{pct(r[m + '_fraction'])} | {pct(r[m + '_saving'])} | {pct(r[m + '_speedup'])}" for m in ("loss", "bpb")) + " |")
+    return "\n".join(lines)
+
+
+def compare_runs(paths):
+    baseline = read_metrics(paths[0])
+    return format_report([acceleration(baseline, read_metrics(p), p) for p in paths[1:]])
 
 
 def main(argv=None):
     try:
-        run(resolve_args(argv))
+        args = resolve_args(argv)
+        if args.compare:
+            if len(args.compare) < 2:
+                raise UsageError("--compare needs a baseline run and at least one run to compare with it")
+            print(compare_runs(args.compare))
+        else:
+            run(args)
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -666,6 +666,81 @@ def test_stacked_model_trains_from_fresh_optimizer():
     assert all(opt.state[p] for p in deep.parameters())
 
 
+def test_layer_maps_of_stack_and_interleave():
+    assert sg.growth_layer_map(3, 2, "stack") == [0, 1, 2, 0, 1, 2]
+    assert sg.growth_layer_map(3, 2, "interleave") == [0, 0, 1, 1, 2, 2]
+    assert sg.growth_layer_map(2, 3, "interleave") == [0, 0, 0, 1, 1, 1]
+    assert sg.growth_layer_map(2, 3, "identity") == sg.growth_layer_map(2, 3, "random") == [0, 1, 0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("depth,growth", [(3, 2), (2, 3)])
+def test_interleave_places_each_copy_next_to_its_source(depth, growth):
+    shallow = trained_looking(tiny_config(n_layer=depth))
+    deep = sg.stack_model(shallow, growth, "interleave")
+    for j in range(depth * growth):
+        source = j // growth
+        assert torch.equal(deep.blocks[j].attn.c_q.weight, shallow.blocks[source].attn.c_q.weight)
+        assert (deep.blocks[j].attn.value_embed is None) == (shallow.blocks[source].attn.value_embed is None)
+        assert deep.x0_lambdas[j] == shallow.x0_lambdas[source]
+
+
+@pytest.mark.parametrize("growth", [2, 3])
+def test_identity_growth_keeps_the_logits(growth):
+    shallow = trained_looking(tiny_config(n_layer=3))
+    deep = sg.stack_model(shallow, growth, "identity")
+    idx = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(deep(idx), shallow(idx), rtol=0, atol=1e-5)
+        assert not torch.allclose(sg.stack_model(shallow, growth, "stack")(idx), shallow(idx), atol=1e-3)
+    for j in range(3, 3 * growth):  # the copies keep their source's other weights
+        assert torch.equal(deep.blocks[j].attn.c_q.weight, shallow.blocks[j % 3].attn.c_q.weight)
+
+
+def test_random_growth_keeps_sources_and_inits_new_layers_like_a_deep_model():
+    shallow = trained_looking(tiny_config(n_layer=2, n_embd=256, n_head=4))
+    torch.manual_seed(3)
+    deep = sg.stack_model(shallow, 3, "random")
+    s = (3 / 256) ** 0.5
+    for j in range(2):
+        assert torch.equal(deep.blocks[j].mlp.c_fc.weight, shallow.blocks[j].mlp.c_fc.weight)
+        assert deep.x0_lambdas[j] == shallow.x0_lambdas[j]
+    for j in range(2, 6):
+        w = deep.blocks[j].mlp.c_fc.weight
+        assert w.abs().max() <= s and w.std().item() == pytest.approx(256 ** -0.5, rel=0.02)
+        assert not torch.equal(w, shallow.blocks[j % 2].mlp.c_fc.weight)
+        assert deep.blocks[j].attn.c_proj.weight.abs().sum() == 0
+        assert (deep.resid_lambdas[j].item(), deep.x0_lambdas[j].item()) == (1.0, pytest.approx(0.1))
+    assert torch.equal(deep.wte.weight, shallow.wte.weight)
+
+
+@pytest.mark.parametrize("grow", ["stack", "interleave"])
+def test_carry_gives_every_copy_its_source_optimizer_state(grow):
+    shallow = trained_looking(tiny_config(n_layer=2))
+    shallow_opt = sg.build_optimizer(shallow, optimizer_args(), 2**19, 0.1)
+    for _ in range(2):
+        shallow(torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))).backward()
+        shallow_opt.step()
+        shallow.zero_grad()
+    deep = sg.stack_model(shallow, 2, grow)
+    reset = sg.build_optimizer(deep, optimizer_args(), 2**19, 0.1)
+    assert all(not reset.state[p] for p in deep.parameters())
+    carried = sg.build_optimizer(deep, optimizer_args(), 2**19, 0.1)
+    sg.carry_optimizer_state(shallow, shallow_opt, deep, carried, 2, grow)
+    layer_map = sg.growth_layer_map(2, 2, grow)
+    for j, source in enumerate(layer_map):
+        for name in ("attn.c_q.weight", "mlp.c_proj.weight"):
+            mine = carried.state[deep.get_parameter(f"blocks.{j}.{name}")]
+            theirs = shallow_opt.state[shallow.get_parameter(f"blocks.{source}.{name}")]
+            assert torch.equal(mine["momentum"], theirs["momentum"]) and torch.equal(mine["variance"], theirs["variance"])
+            assert mine["momentum"].data_ptr() != theirs["momentum"].data_ptr()
+    lambdas = carried.state[deep.x0_lambdas]
+    assert lambdas["step"] == 2 and torch.equal(lambdas["exp_avg"], shallow_opt.state[shallow.x0_lambdas]["exp_avg"][layer_map])
+    assert torch.equal(carried.state[deep.wte.weight]["exp_avg_sq"], shallow_opt.state[shallow.wte.weight]["exp_avg_sq"])
+    loss = deep(torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16)))
+    loss.backward()
+    carried.step()  # the carried state has the shapes the optimizer expects
+
+
 # -----------------------------------------------------------------------------
 # Planning: horizons and the FLOPs budget
 
@@ -694,6 +769,66 @@ def test_explicit_horizons_override_the_budget():
     _, (shallow, deep) = plan_args(["--depth", "2", "--stack-to", "4", "--shallow-steps", "7", "--deep-steps", "9",
                                     "--total-batch-size", "4096", "--device-batch-size", "2", "--seq-len", "2048"])
     assert (shallow.steps, deep.steps, deep.batch_size) == (7, 9, 4096)
+
+
+def test_global_schedule_is_continuous_across_growth():
+    args, (shallow, deep) = plan_args(["--depth", "2", "--stack-to", "4", "--shallow-steps", "30", "--deep-steps", "50",
+                                       "--total-batch-size", "4096", "--device-batch-size", "2", "--schedule", "global",
+                                       "--final-lr-frac", "0.1", "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "256"])
+    assert args.warmdown_ratio == 0.5
+    ctx = dict(flops_before=0, steps_before=0, total_flops=shallow.flops + deep.flops)
+    lrms = [sg.schedule_at(shallow, step, args, ctx) for step in range(shallow.steps)]
+    ctx.update(flops_before=shallow.flops, steps_before=shallow.steps)
+    lrms += [sg.schedule_at(deep, step, args, ctx) for step in range(deep.steps + 1)]
+    lr = [x[0] for x in lrms]
+    assert lr[0] == 1.0 and lr[-1] == pytest.approx(0.1)  # the final fraction at the end of the run
+    assert all(b <= a for a, b in zip(lr, lr[1:]))
+    assert max(a - b for a, b in zip(lr, lr[1:])) < 0.05  # no jump at the growth (step 30)
+    assert lr[29] == 1.0 and lr[30] == 1.0  # warmdown 0.5 of the FLOPs starts inside the deep phase
+    momentum = [x[1] for x in lrms]
+    assert momentum[31] == sg.muon_momentum(31)  # Muon's warmup does not restart either
+    phases = sg.schedule_at(deep, 0, sg.resolve_args(["--depth", "2", "--stack-to", "4", "--device", "cpu"]), ctx)
+    assert phases[0] == 1.0 and phases[1] == pytest.approx(0.85)  # the default restarts both
+
+
+def writeup_metrics():
+    """The write-up's numbers as metrics: baseline d12 ends at train loss 2.980 after 9.27e17 FLOPs;
+    the stacked run spends 1.06e17 on d6s12, then 8.21e17 over 1953 deep steps, reaching 2.980 at step 1835."""
+    baseline = [{"kind": "train", "phase": "baseline", "step": 2205, "loss": 2.980, "flops": 9.27e17},
+                {"kind": "eval", "phase": "baseline", "step": 2205, "val_bpb": 0.9095, "flops": 9.27e17}]
+    stacked = [{"kind": "eval", "phase": "shallow", "step": 0, "val_bpb": 3.0, "flops": 0.0}]
+    for step in range(1, 1954):
+        loss = 2.980 + 0.001 * (1835 - step) if step != 1835 else 2.980
+        stacked.append({"kind": "train", "phase": "deep", "step": step, "loss": loss, "flops": 1.06e17 + step / 1953 * 8.21e17})
+    stacked.append({"kind": "eval", "phase": "deep", "step": 1953, "val_bpb": 0.9086, "flops": 1.06e17 + 8.21e17})
+    return baseline, stacked
+
+
+def test_acceleration_report_reproduces_the_writeup():
+    baseline, stacked = writeup_metrics()
+    row = sg.acceleration(baseline, stacked, "d6s12")
+    assert row["loss_fraction"] == pytest.approx(0.946, abs=5e-4)
+    assert row["loss_saving"] == pytest.approx(0.054, abs=5e-4)
+    assert row["loss_speedup"] == pytest.approx(1 / 0.946 - 1, abs=1e-3)
+    assert row["bpb_fraction"] == pytest.approx(9.27e17 / 9.27e17) and row["val_bpb_at_budget"] == 0.9086
+    table = sg.format_report([row])
+    assert "| d6s12 | 0.9086 | 9.270e+17 | 0.9086 | 94.6% | 5.4% | 5.7% |" in table
+
+
+def test_acceleration_report_when_the_baseline_is_never_reached(tmp_path, capsys):
+    baseline, stacked = writeup_metrics()
+    worse = [{**r, "loss": r["loss"] + 1} if r["kind"] == "train" else {**r, "val_bpb": r["val_bpb"] + 1} for r in stacked]
+    row = sg.acceleration(baseline, worse, "worse")
+    assert row["loss_fraction"] is None and row["bpb_saving"] is None
+    assert "| not reached | not reached | not reached |" in sg.format_report([row])
+    for name, records in (("base", baseline), ("worse", worse)):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    sg.main(["--compare", str(tmp_path / "base"), str(tmp_path / "worse" / "metrics.jsonl")])
+    assert "not reached" in capsys.readouterr().out
+    expect_usage_error(capsys, ["--compare", str(tmp_path / "base"), str(tmp_path / "missing")], "no metrics file")
+    expect_usage_error(capsys, ["--compare", str(tmp_path / "base")], "at least one run")
 
 
 # -----------------------------------------------------------------------------
@@ -778,6 +913,29 @@ def test_baseline_run(tiny_data, tmp_path):
     assert records[-1]["kind"] == "summary" and os.path.exists(os.path.join(out, "final.pt"))
 
 
+@pytest.mark.parametrize("flags", [
+    ["--grow", "interleave"], ["--grow", "identity", "--grow-optim", "carry"], ["--grow", "random", "--schedule", "global"],
+    ["--grow-optim", "carry", "--schedule", "global", "--stack-to", "3"],
+])
+def test_growth_flags_end_to_end(tiny_data, tiny_run, tmp_path, flags, capsys):
+    out = str(tmp_path / "run")
+    sg.main(TINY + ["--data", tiny_data, "--out-dir", out, "--baseline", tiny_run] + flags)
+    records = read_metrics(out)
+    assert records[-1]["kind"] == "summary" and math.isfinite(records[-1]["val_bpb"]["deep"])
+    assert "| reaches baseline train loss at |" in capsys.readouterr().out
+    plan = records[0]["phases"]
+    assert plan[1]["config"]["n_layer"] == (3 if "3" in flags else 2)
+
+
+def test_init_from_with_carry_uses_the_saved_optimizer(tiny_run, tiny_data, tmp_path):
+    runs = []
+    for name, extra in (("full", []), ("resumed", ["--init-from", os.path.join(str(tmp_path), "full", "shallow.pt")])):
+        out = str(tmp_path / name)
+        sg.main(TINY + ["--data", tiny_data, "--out-dir", out, "--grow-optim", "carry", "--schedule", "global"] + extra)
+        runs.append([(r["step"], r["raw_loss"], r["lrm"]) for r in read_metrics(out) if r["kind"] == "train" and r["phase"] == "deep"])
+    assert runs[0] == runs[1]
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "nan")
     real = sg.lr_multiplier
@@ -785,7 +943,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_data, tmp_pa
     with pytest.raises(SystemExit) as e:
         sg.main(TINY + ["--data", tiny_data, "--out-dir", out])
     assert e.value.code == 1
-    assert "deep phase: loss is nan at step 4" in capsys.readouterr().err
+    assert "deep phase: loss is nan at step 5" in capsys.readouterr().err
     assert sg.load_checkpoint(os.path.join(out, "shallow.pt"), "cpu")["phase"] == "shallow"
     assert not os.path.exists(os.path.join(out, "final.pt"))
 
