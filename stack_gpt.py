@@ -416,9 +416,10 @@ def polar_express(G):
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT  # iterate on the wide orientation: the Gram matrix X X^T is then the small one
-    for a, b, c in POLAR_EXPRESS_COEFFS:
+    for a, b, c in POLAR_EXPRESS_COEFFS:  # X <- a X + (b A + c A^2) X with A = X X^T
         A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X  # X <- a X + b (XX^T) X + c (XX^T)^2 X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A A, in one fused call
+        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
     return X.mT if tall else X
 
 
@@ -466,7 +467,8 @@ class MuonAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"].lerp_(p.grad.square(), 1 - beta2)
             bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
             denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
-            p.mul_(1 - group["lr"] * group["weight_decay"])
+            if group["weight_decay"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
             p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)
 
     def _muon(self, group):
@@ -484,12 +486,12 @@ class MuonAdamW(torch.optim.Optimizer):
         update = polar_express(update)
         variance = torch.stack([self.state[p]["variance"] for p in params])
         update = normalize_variance(update, variance, group["beta2"])
+        torch._foreach_copy_([self.state[p]["variance"] for p in params], list(variance.unbind(0)))
         lr = group["lr"] * max(1.0, rows / cols) ** 0.5  # tall matrices get a larger step (same RMS per output)
-        wd = group["weight_decay"]
-        for p, u, v in zip(params, update.unbind(0), variance.unbind(0)):
-            self.state[p]["variance"].copy_(v)
-            decay = (u * p >= 0) * p  # cautious weight decay: only where the update agrees in sign with p
-            p.sub_(lr * u + lr * wd * decay)
+        weights = torch.stack(params)
+        decay = (update * weights >= 0) * weights  # cautious weight decay: only where the update agrees in sign with p
+        weights.sub_(lr * update + lr * group["weight_decay"] * decay)
+        torch._foreach_copy_(params, list(weights.unbind(0)))
 
 
 def build_optimizer(model, args, batch_size, weight_decay):
@@ -1001,8 +1003,10 @@ def run(args):
     train_phase(deep, model, optimizer, args, ctx)
     save_checkpoint(os.path.join(args.out_dir, "final.pt"), model, optimizer, args, deep, ctx)
     wall = time.time() - start
-    log(f"done: val bpb {' | '.join(f'{k} {v:.4f}' for k, v in ctx['val_bpb'].items())} | {ctx['flops_before']:.3e} FLOPs | {wall / 60:.1f} min",
-        kind="summary", val_bpb=ctx["val_bpb"], flops=ctx["flops_before"], phase_flops={p.name: p.flops for p in phases}, wall_time=wall)
+    memory = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+    log(f"done: val bpb {' | '.join(f'{k} {v:.4f}' for k, v in ctx['val_bpb'].items())} | {ctx['flops_before']:.3e} FLOPs | {wall / 60:.1f} min"
+        + (f" | peak memory {memory:.1f} GiB" if memory else ""), kind="summary", val_bpb=ctx["val_bpb"], flops=ctx["flops_before"],
+        phase_flops={p.name: p.flops for p in phases}, wall_time=wall, peak_memory_gib=memory)
     if baseline:
         log(format_report([acceleration(baseline, read_metrics(log.path), args.out_dir)]))
 

@@ -1,0 +1,196 @@
+"""
+The experiments behind experiments.md, as data: every run's flags, and the report that turns
+their metrics files into the tables and plots. Run from the repository root:
+
+    python experiments/sweeps.py list                     # every run, its command, and whether it finished
+    python experiments/sweeps.py run fixed-flops recipes  # run the unfinished runs of these sweeps, one by one
+    python experiments/sweeps.py report                   # every table (markdown) and the plots, from experiments/runs/
+
+A run is finished when its folder holds a summary record; an interrupted run starts over.
+Checkpoints (*.pt) stay out of git; metrics.jsonl and config.json are kept.
+"""
+
+import math
+import os
+import statistics
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import stack_gpt as sg  # noqa: E402  (the report reuses its acceleration arithmetic)
+
+RUNS = "experiments/runs"
+DATA = "data/pylibs-2048"
+PREPARE = f"python prepare_data.py --dataset pylibs --vocab-size 2048 --name pylibs-2048"
+# One CPU-scale family for every sweep: target depth 4 at width 128 (4 heads of 32), context 256,
+# 4096-token batches. The shallow d2s4 costs 0.60 of the d4's FLOPs per token, as d6s12 does of d12.
+FAMILY = ["--data", DATA, "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "256", "--device-batch-size", "16",
+          "--total-batch-size", "4096", "--eval-every", "100", "--eval-tokens", "131072", "--sample-tokens", "0"]
+SEEDS = (0, 1, 2)
+SHALLOW_RATIOS = (1.25, 2.25, 3.25, 4.25, 5.25)
+BEST_SHALLOW_RATIO = "3.25"  # the fixed-FLOPs sweep's best arm; the recipes sweep runs there
+STACKED = ["--depth", "2", "--stack-to", "4"]
+
+
+def sweeps():
+    """{sweep: [(run name, flags)]}, in the order they are run."""
+    fixed = [(f"baseline-s{s}", ["--depth", "4", "--seed", str(s)]) for s in SEEDS]
+    fixed += [(f"r{r}-s{s}", STACKED + ["--shallow-ratio", str(r), "--seed", str(s)]) for s in SEEDS for r in SHALLOW_RATIOS]
+    recipe_flags = {"g4": ["--depth", "1", "--stack-to", "4"], "interleave": STACKED + ["--grow", "interleave"],
+                    "identity": STACKED + ["--grow", "identity"], "random": STACKED + ["--grow", "random"],
+                    "carry": STACKED + ["--grow-optim", "carry"], "global": STACKED + ["--schedule", "global"]}
+    recipes = [(f"{name}-s{s}", flags + ["--shallow-ratio", BEST_SHALLOW_RATIO, "--seed", str(s)])
+               for s in SEEDS for name, flags in recipe_flags.items()]
+    shallow = f"{RUNS}/warmdown/wd0.5/shallow.pt"
+    warmdown = [("wd0.5", STACKED + ["--shallow-warmdown-ratio", "0.5", "--warmdown-ratio", "0.5"])]
+    warmdown += [(f"wd{w}", STACKED + ["--init-from", shallow, "--warmdown-ratio", w]) for w in ("0.75", "1.0", "1.5", "2.0")]
+    default_schedule = ["--shallow-warmdown-ratio", "0.5", "--warmdown-ratio", "0.5"]
+    mini = [(f"d{d}", ["--depth", str(d)]) for d in (2, 4)]
+    mini += [(f"d{d // 2}s{d}", ["--depth", str(d // 2), "--stack-to", str(d), "--shallow-ratio", "10.5", "--deep-ratio", "10.5"] + default_schedule)
+             for d in (2, 4)]
+    return {"fixed-flops": fixed, "recipes": recipes, "warmdown": warmdown, "miniseries": mini}
+
+
+def command(sweep, name, flags):
+    return ["python", "stack_gpt.py"] + FAMILY + flags + ["--out-dir", f"{RUNS}/{sweep}/{name}"]
+
+
+def finished(sweep, name):
+    path = f"{RUNS}/{sweep}/{name}/metrics.jsonl"
+    return os.path.exists(path) and '"kind": "summary"' in open(path).read()
+
+
+def run(names):
+    if not os.path.exists(f"{DATA}/meta.json"):
+        subprocess.run(PREPARE.split(), check=True)
+    for sweep in names:
+        for name, flags in sweeps()[sweep]:
+            if not finished(sweep, name):
+                print(" ".join(command(sweep, name, flags)), flush=True)
+                subprocess.run(command(sweep, name, flags) + ["--overwrite", "--log-every", "50"], check=True)
+
+
+# -----------------------------------------------------------------------------
+# Report
+
+def records(sweep, name):
+    return sg.read_metrics(f"{RUNS}/{sweep}/{name}")
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "never"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def pct_mean_std(values):
+    if any(v is None for v in values):
+        return f"not reached in {sum(v is None for v in values)}/{len(values)}"
+    return f"{100 * statistics.mean(values):+.1f}%" + (f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else "")
+
+
+def significant(arm, base):
+    """Is the difference of means larger than twice its standard error (Welch)? Needs 2+ seeds each."""
+    if len(arm) < 2 or len(base) < 2:
+        return "n/a (1 seed)"
+    se = math.sqrt(statistics.variance(arm) / len(arm) + statistics.variance(base) / len(base))
+    diff = statistics.mean(arm) - statistics.mean(base)
+    return f"{'yes' if abs(diff) > 2 * se else 'no'} ({diff:+.4f}, 2se {2 * se:.4f})"
+
+
+def seed_table(sweep, arms, baseline_of):
+    """One row per arm: mean ± std over its finished seeds, each seed compared with its own baseline seed."""
+    lines = ["| arm | seeds | final val bpb | total FLOPs | saving to baseline train loss | saving to baseline val bpb | bpb difference larger than seed noise? |",
+             "|---|---|---|---|---|---|---|"]
+    base_bpb = [r[-1]["val_bpb"]["baseline"] for r in (baseline_of(s) for s in SEEDS) if r]
+    for arm in arms:
+        rows = []
+        for s in SEEDS:
+            if finished(sweep, f"{arm}-s{s}") and baseline_of(s):
+                rows.append(sg.acceleration(baseline_of(s), records(sweep, f"{arm}-s{s}"), arm))
+        if not rows:
+            continue
+        bpb = [r["val_bpb"] for r in rows]
+        lines.append(f"| {arm} | {len(rows)} | {mean_std(bpb)} | {statistics.mean(r['flops'] for r in rows):.3e} | "
+                     f"{pct_mean_std([r['loss_saving'] if r['loss_fraction'] else None for r in rows])} | "
+                     f"{pct_mean_std([r['bpb_saving'] if r['bpb_fraction'] else None for r in rows])} | {significant(bpb, base_bpb)} |")
+    return "\n".join(lines), base_bpb
+
+
+def baseline_records(seed):
+    return records("fixed-flops", f"baseline-s{seed}") if finished("fixed-flops", f"baseline-s{seed}") else None
+
+
+def report():
+    out = []
+    base_runs = [s for s in SEEDS if baseline_records(s)]
+    if not base_runs:
+        sys.exit("no finished baseline yet: python experiments/sweeps.py run fixed-flops")
+    table, base_bpb = seed_table("fixed-flops", [f"r{r}" for r in SHALLOW_RATIOS], baseline_records)
+    out += ["## Fixed-FLOPs sweep (d2s4 -> d4 against d4 at ratio 10.5)", "",
+            f"Baseline d4: final val bpb {mean_std(base_bpb)} over {len(base_bpb)} seeds.", "", table, ""]
+    table, _ = seed_table("recipes", ["g4", "interleave", "identity", "random", "carry", "global"], baseline_records)
+    out += [f"## Recipes at shallow ratio {BEST_SHALLOW_RATIO}", "", table, ""]
+    for sweep, title in (("warmdown", "Deep-phase warmdown sweep (one shallow model)"), ("miniseries", "Miniseries (both phases at ratio 10.5)")):
+        done = [name for name, _ in sweeps()[sweep] if finished(sweep, name)]
+        if done:
+            out += [f"## {title}", "", "| run | val bpb | FLOPs |", "|---|---|---|"]
+            out += [f"| {n} | {records(sweep, n)[-1]['val_bpb'][list(records(sweep, n)[-1]['val_bpb'])[-1]]:.4f} | {records(sweep, n)[-1]['flops']:.3e} |" for n in done]
+            out.append("")
+    print("\n".join(out))
+    plots(base_runs)
+
+
+def plots(base_runs):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no plots)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for sweep, name, label in (("fixed-flops", f"baseline-s{base_runs[0]}", "baseline d4"),
+                               ("fixed-flops", f"r{BEST_SHALLOW_RATIO}-s{base_runs[0]}", f"d2s4 -> d4, shallow ratio {BEST_SHALLOW_RATIO}")):
+        if finished(sweep, name):
+            evals = [r for r in records(sweep, name) if r["kind"] == "eval"]
+            ax.plot([r["flops"] for r in evals], [r["val_bpb"] for r in evals], label=label)
+    ax.set(xlabel="cumulative training FLOPs", ylabel="val bpb", ylim=(None, 2.0), title="val bpb against compute (seed 0)")
+    ax.legend()
+    fig.savefig("experiments/bpb_vs_flops.png", dpi=120, bbox_inches="tight")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    base = [baseline_records(s)[-1]["val_bpb"]["baseline"] for s in base_runs]
+    mean = statistics.mean(base)
+    spread = statistics.stdev(base) if len(base) > 1 else 0.0
+    ax.axhspan(mean - spread, mean + spread, alpha=0.2, color="gray", label="baseline d4, mean ± std")
+    ax.axhline(mean, color="gray")
+    for s in SEEDS:
+        points = [(r, records("fixed-flops", f"r{r}-s{s}")[-1]["val_bpb"]["deep"]) for r in SHALLOW_RATIOS if finished("fixed-flops", f"r{r}-s{s}")]
+        if points:
+            ax.plot(*zip(*points), "o-", label=f"stacked, seed {s}")
+    ax.set(xlabel="shallow-phase data:param ratio", ylabel="final val bpb", title="fixed FLOPs: final val bpb against shallow ratio")
+    ax.legend()
+    fig.savefig("experiments/bpb_vs_shallow_ratio.png", dpi=120, bbox_inches="tight")
+    print("plots: experiments/bpb_vs_flops.png, experiments/bpb_vs_shallow_ratio.png")
+
+
+def main():
+    verb, names = (sys.argv[1] if len(sys.argv) > 1 else "list"), sys.argv[2:]
+    unknown = [n for n in names if n not in sweeps()]
+    if verb not in ("list", "run", "report") or unknown:
+        sys.exit(f"usage: python experiments/sweeps.py list|run|report [{'|'.join(sweeps())} ...]")
+    if verb == "run":
+        run(names or list(sweeps()))
+    elif verb == "report":
+        report()
+    else:
+        for sweep, runs in sweeps().items():
+            for name, flags in runs:
+                print(f"{'done' if finished(sweep, name) else 'todo'}  {' '.join(command(sweep, name, flags))}")
+
+
+if __name__ == "__main__":
+    main()
