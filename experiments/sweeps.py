@@ -34,8 +34,10 @@ STACKED = ["--depth", "2", "--stack-to", "4"]
 
 def sweeps():
     """{sweep: [(run name, flags)]}, in the order they are run."""
-    fixed = [(f"baseline-s{s}", ["--depth", "4", "--seed", str(s)]) for s in SEEDS]
-    fixed += [(f"r{r}-s{s}", STACKED + ["--shallow-ratio", str(r), "--seed", str(s)]) for s in SEEDS for r in SHALLOW_RATIOS]
+    fixed = []
+    for s in SEEDS:  # seed by seed, so that a partial sweep is still a complete comparison
+        fixed.append((f"baseline-s{s}", ["--depth", "4", "--seed", str(s)]))
+        fixed += [(f"r{r}-s{s}", STACKED + ["--shallow-ratio", str(r), "--seed", str(s)]) for r in SHALLOW_RATIOS]
     recipe_flags = {"g4": ["--depth", "1", "--stack-to", "4"], "interleave": STACKED + ["--grow", "interleave"],
                     "identity": STACKED + ["--grow", "identity"], "random": STACKED + ["--grow", "random"],
                     "carry": STACKED + ["--grow-optim", "carry"], "global": STACKED + ["--schedule", "global"]}
