@@ -870,7 +870,7 @@ def train_phase(phase, model, optimizer, args, ctx):
     accum = phase.batch_size // (args.device_batch_size * args.seq_len)  # micro-batches per optimizer step
     tokens_per_step_flops = phase.flops_per_token * phase.batch_size
     log, peak = ctx["log"], ctx["peak"]
-    smooth_loss = 0.0
+    smooth_loss = torch.zeros((), device=args.device)  # EMA of the train loss, updated every step on the device
     phase_start = last_log_time = time.time()
     last_log_step = 0
     for step in range(phase.steps + 1):
@@ -898,16 +898,16 @@ def train_phase(phase, model, optimizer, args, ctx):
                 group["momentum"], group["weight_decay"] = momentum, weight_decay
         optimizer.step()
         model.zero_grad(set_to_none=True)
+        smooth_loss.lerp_(loss_sum / accum, 0.1)  # smooth = 0.9 smooth + 0.1 loss
         if (step + 1) % args.log_every and step + 1 != phase.steps:
             continue  # no host sync on the steps we don't log
-        loss = (loss_sum / accum).item()  # the one host sync of a logged step
+        loss, smoothed = torch.stack([loss_sum / accum, smooth_loss]).tolist()  # the one host sync of a logged step
+        smoothed /= 1 - 0.9 ** (step + 1)  # debias: the EMA started from zero
         if not math.isfinite(loss):
             raise TrainingDiverged(f"{phase.name} phase: loss is {loss} at step {step + 1}; the last checkpoint is left as it was")
         now = time.time()
         dt = (now - last_log_time) / (step + 1 - last_log_step)  # mean over the steps since the last log line
         last_log_time, last_log_step = now, step + 1
-        smooth_loss = 0.9 * smooth_loss + 0.1 * loss
-        smoothed = smooth_loss / (1 - 0.9 ** ((step + args.log_every) // args.log_every))  # debias the EMA's zero start
         tok_per_s = phase.batch_size / dt
         mfu = 100 * phase.flops_per_token * tok_per_s / peak if peak else None
         elapsed = now - phase_start

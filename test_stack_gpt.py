@@ -936,6 +936,18 @@ def test_init_from_with_carry_uses_the_saved_optimizer(tiny_run, tiny_data, tmp_
     assert runs[0] == runs[1]
 
 
+def test_sparse_logging_keeps_the_per_step_smoothed_loss(tiny_data, tmp_path):
+    """--log-every only thins the records: the smoothed loss is still an EMA over every step."""
+    logged = {}
+    for every in ("1", "4"):
+        out = str(tmp_path / every)
+        sg.main(["--depth", "2"] + TINY[4:] + ["--data", tiny_data, "--out-dir", out, "--log-every", every])
+        logged[every] = {r["step"]: r["loss"] for r in read_metrics(out) if r["kind"] == "train"}
+    assert sorted(logged["4"]) == [4, 8, 10]
+    for step, loss in logged["4"].items():
+        assert loss == pytest.approx(logged["1"][step], rel=1e-6)
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "nan")
     real = sg.lr_multiplier

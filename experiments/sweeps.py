@@ -25,7 +25,7 @@ PREPARE = f"python prepare_data.py --dataset pylibs --vocab-size 2048 --name pyl
 # One CPU-scale family for every sweep: target depth 4 at width 128 (4 heads of 32), context 256,
 # 4096-token batches. The shallow d2s4 costs 0.60 of the d4's FLOPs per token, as d6s12 does of d12.
 FAMILY = ["--data", DATA, "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "256", "--device-batch-size", "16",
-          "--total-batch-size", "4096", "--eval-every", "100", "--eval-tokens", "131072", "--sample-tokens", "0"]
+          "--total-batch-size", "4096", "--eval-every", "100", "--eval-tokens", "131072", "--sample-tokens", "0", "--log-every", "10"]
 SEEDS = (0, 1, 2)
 SHALLOW_RATIOS = (1.25, 2.25, 3.25, 4.25, 5.25)
 BEST_SHALLOW_RATIO = "3.25"  # the fixed-FLOPs sweep's best arm; the recipes sweep runs there
@@ -69,7 +69,7 @@ def run(names):
         for name, flags in sweeps()[sweep]:
             if not finished(sweep, name):
                 print(" ".join(command(sweep, name, flags)), flush=True)
-                subprocess.run(command(sweep, name, flags) + ["--overwrite", "--log-every", "50"], check=True)
+                subprocess.run(command(sweep, name, flags) + ["--overwrite"], check=True)
 
 
 # -----------------------------------------------------------------------------
