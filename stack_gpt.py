@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -85,6 +86,8 @@ def get_parser():
     r.add_argument("--data", default=prepare_data.DEFAULT_DATA_DIR, help="dataset folder written by prepare_data.py")
     r.add_argument("--out-dir", default=None, help="run folder for config, metrics and checkpoints (default: runs/<d6s12 or d12>)")
     r.add_argument("--overwrite", action="store_true", help="allow writing into a run folder that holds a finished run")
+    r.add_argument("--save-every", type=int, default=0, help="also write checkpoint.pt every N steps of either phase, for --resume (0 = never)")
+    r.add_argument("--resume", action="store_true", help="continue the interrupted run in --out-dir from its latest checkpoint, with the flags it was started with")
     r.add_argument("--init-from", default=None, help="shallow checkpoint to start from: skips phase 1 (one shallow model can serve many deep runs)")
     r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on for CUDA, off for CPU)")
@@ -101,8 +104,8 @@ def resolve_args(argv=None):
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive (got {value})")
-    if args.eval_every < 0 or args.eval_tokens <= 0 or args.sample_tokens < 0:
-        raise UsageError("--eval-every, --sample-tokens must be >= 0 and --eval-tokens > 0")
+    if args.eval_every < 0 or args.eval_tokens <= 0 or args.sample_tokens < 0 or args.save_every < 0:
+        raise UsageError("--eval-every, --sample-tokens, --save-every must be >= 0 and --eval-tokens > 0")
     for name in ["warmup_ratio", "warmdown_ratio", "shallow_warmdown_ratio", "final_lr_frac"]:
         value = getattr(args, name)
         if value is not None and value < 0:
@@ -671,6 +674,10 @@ def evaluate_bpb(model, val_batches, token_bytes, autocast):
         counted_bytes = token_bytes[y]
         nats += (loss * (counted_bytes > 0)).sum()
         nbytes += counted_bytes.sum()
+    if dist.is_initialized():  # each rank evaluated its share of the batches
+        nats, nbytes = torch.as_tensor(nats, device=token_bytes.device), torch.as_tensor(nbytes, device=token_bytes.device)
+        dist.all_reduce(nats)
+        dist.all_reduce(nbytes)
     return float(nats) / (math.log(2) * float(nbytes))
 
 
@@ -728,7 +735,7 @@ def batch_and_weight_decay(scaling_params, ref_params, args):
     return batch, args.weight_decay * (batch / 2**19) ** 0.5 * ref_params / scaling_params
 
 
-def plan_phases(args, vocab_size, shallow_flops=None):
+def plan_phases(args, vocab_size, shallow_flops=None, world=1):
     """
     The phases of this run. The FLOPs budget is the baseline's: the final-depth model trained at
     --ratio (or --target-flops). A stacked run spends part of it on the shallow phase and, unless
@@ -760,30 +767,49 @@ def plan_phases(args, vocab_size, shallow_flops=None):
         raise UsageError(f"the shallow phase uses the whole FLOPs budget ({budget:.3g}): lower --shallow-ratio or raise --ratio")
     phases.append(Phase("deep" if args.stacked else "baseline", final_config, steps, batch, fpt, wd, args.warmdown_ratio))
     for phase in phases:
-        rows = args.device_batch_size * args.seq_len
+        rows = args.device_batch_size * args.seq_len * world
         if phase.batch_size % rows:
             raise UsageError(f"{phase.name} phase: total batch {phase.batch_size} tokens is not a multiple of --device-batch-size "
-                             f"{args.device_batch_size} x --seq-len {args.seq_len} = {rows}: change --total-batch-size or --device-batch-size")
+                             f"{args.device_batch_size} x --seq-len {args.seq_len}" + (f" x {world} processes" if world > 1 else "") +
+                             f" = {rows}: change --total-batch-size or --device-batch-size")
     return phases
 
 
 # -----------------------------------------------------------------------------
 # Checkpoints and the run folder
 
-def save_checkpoint(path, model, optimizer, args, phase, ctx):
-    """Model, optimizer, config, position in the data and RNG; written whole to a temp file, then renamed."""
+def save_checkpoint(path, model, optimizer, args, phase, step, ctx):
+    """
+    Everything needed to continue from the end of `step` of `phase`: model, optimizer, data position,
+    RNG, the smoothed loss and how many metrics lines were written. Only rank 0 writes, to a temp
+    file that is flushed to disk and then renamed over the old one, so a crash or a full disk at
+    any moment leaves the previous checkpoint whole.
+    """
+    if ctx["rank"]:
+        return
     state = {
         "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "model_config": asdict(model.config), "args": vars(args), "phase": phase.name, "step": phase.steps,
+        "model_config": asdict(model.config), "args": vars(args), "phase": phase.name, "step": step,
         "batch_size": phase.batch_size, "weight_decay": phase.weight_decay,
-        "loader": ctx["loader"].state_dict(), "rng": torch.get_rng_state(), "flops": ctx["flops_before"],
+        "flops": ctx["flops_before"] + phase.flops_per_token * phase.batch_size * step,
+        "phase_flops_before": ctx["flops_before"], "phase_steps_before": ctx["steps_before"],
+        "smooth_loss": float(ctx["smooth_loss"]), "val_bpb": dict(ctx["val_bpb"]), "metrics_lines": ctx["log"].lines,
+        "loader": ctx["loader"].state_dict(), "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if args.device == "cuda" else torch.zeros(0, dtype=torch.uint8),
     }
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: a crash leaves the old file or the new one, never half of one
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise UsageError(f"could not write {path} ({e.strerror}); the previous checkpoint is untouched: free some disk space")
+        raise
 
 
 def load_checkpoint(path, device):
@@ -793,7 +819,13 @@ def load_checkpoint(path, device):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise UsageError(f"{path} is not a readable stack_gpt checkpoint ({type(e).__name__}): it may be truncated or foreign")
+        with open(path, "rb") as f:
+            head = f.read(4)
+        zipped, pickled = head == b"PK\x03\x04", head[:1] == b"\x80"  # torch.save's zip archive; a bare pickle
+        if "GLOBAL" in str(e) or (pickled and not zipped):
+            raise UsageError(f"{path} holds code or objects other than tensors: refused (checkpoints load with weights_only=True)")
+        why = "is truncated or damaged" if zipped else "is not a torch checkpoint"
+        raise UsageError(f"{path} {why}: use an intact checkpoint written by stack_gpt.py")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"{path} is not a stack_gpt checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
     ckpt["model_config"] = GPTConfig(**{**ckpt["model_config"], "ve_layers": tuple(ckpt["model_config"]["ve_layers"])})
@@ -811,32 +843,52 @@ def check_init_from(ckpt, args, vocab_size):
                          "use the --depth/--stack-to/--aspect-ratio/--head-dim/--seq-len/--data it was trained with")
 
 
-def prepare_run_dir(args):
-    """Refuse to clobber a finished run; otherwise start a fresh metrics file and save the config."""
-    final = os.path.join(args.out_dir, "final.pt")
-    if os.path.exists(final) and not args.overwrite:
+def resume_point(args):
+    """
+    --resume: the most advanced checkpoint of the run in --out-dir (the periodic checkpoint.pt or
+    the end of phase 1), and the flags it was started with. None when the run already finished.
+    """
+    if os.path.exists(os.path.join(args.out_dir, "final.pt")):
+        return None
+    found = [load_checkpoint(p, args.device) for p in (os.path.join(args.out_dir, n) for n in ("checkpoint.pt", "shallow.pt")) if os.path.exists(p)]
+    if not found:
+        raise UsageError(f"nothing to resume in {args.out_dir}: no checkpoint.pt or shallow.pt (start runs with --save-every N)")
+    ckpt = max(found, key=lambda c: (c["phase"] != "shallow", c["step"]))  # a later phase, then a later step
+    saved = argparse.Namespace(**{**ckpt["args"], "resume": True, "device": args.device, "out_dir": args.out_dir})
+    return ckpt, saved
+
+
+def prepare_run_dir(args, metrics_lines=None):
+    """Refuse to clobber a finished run; start a fresh metrics file, or cut a resumed one back to its checkpoint."""
+    if os.path.exists(os.path.join(args.out_dir, "final.pt")) and not args.overwrite:
         raise UsageError(f"{args.out_dir} already holds a finished run: pass --overwrite or choose another --out-dir")
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "config.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
-    open(os.path.join(args.out_dir, "metrics.jsonl"), "w").close()
+    path = os.path.join(args.out_dir, "metrics.jsonl")
+    kept = open(path).readlines()[:metrics_lines] if metrics_lines is not None else []
+    with open(path, "w") as f:
+        f.writelines(line for line in kept if line.endswith("\n"))
 
 
 class RunLog:
-    """Prints a line and appends the same record to the run's metrics.jsonl."""
+    """Prints a line and appends the same record to the run's metrics.jsonl (rank 0 only)."""
 
-    def __init__(self, out_dir):
-        self.path = os.path.join(out_dir, "metrics.jsonl")
+    def __init__(self, out_dir, enabled, lines=0):
+        self.path, self.enabled, self.lines = os.path.join(out_dir, "metrics.jsonl"), enabled, lines
 
     def __call__(self, line, **record):
+        if not self.enabled:
+            return
         print(line, flush=True)
         if record:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.lines += 1
 
 
 # -----------------------------------------------------------------------------
-# Hardware: autocast, and MFU from the GPU's bf16 dense peak
+# Devices and processes: autocast, MFU, and data parallel under torchrun
 
 PEAK_BF16_FLOPS = [  # (substrings of the device name, dense bf16 FLOP/s); first match wins
     (("h100", "pcie"), 756e12), (("h100", "nvl"), 835e12), (("h100",), 989e12), (("h200",), 989e12),
@@ -857,6 +909,42 @@ def autocast_for(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
 
 
+def setup_distributed(device):
+    """Under torchrun (which sets RANK and WORLD_SIZE) join the process group: NCCL on GPUs, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def average_gradients(model, world):
+    """Every rank ends up with the mean of all ranks' gradients (each rank saw its own rows of the batch)."""
+    if world == 1:
+        return
+    grads = [p.grad for p in model.parameters()]
+    for work in [dist.all_reduce(g, async_op=True) for g in grads]:
+        work.wait()
+    torch._foreach_div_(grads, world)
+
+
+def broadcast_weights(model, world):
+    """Start every rank from rank 0's weights (they agree anyway: same seed, same growth)."""
+    if world > 1:
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)
+
+
+def check_replicas_agree(model, world):
+    """A cheap guard at the end of each phase: every rank must hold the same weights."""
+    if world > 1:
+        sums = torch.stack([p.detach().float().sum() for p in model.parameters()])
+        gathered = [torch.empty_like(sums) for _ in range(world)]
+        dist.all_gather(gathered, sums)
+        assert all(torch.equal(g, gathered[0]) for g in gathered), "the ranks' weights diverged"
+
+
 # -----------------------------------------------------------------------------
 # The training loop, one phase at a time
 
@@ -864,17 +952,16 @@ class TrainingDiverged(Exception):
     pass
 
 
-def train_phase(phase, model, optimizer, args, ctx):
-    """Train `model` for phase.steps optimizer steps, evaluating on the way and at the end."""
+def train_phase(phase, model, optimizer, args, ctx, start_step=0):
+    """Train `model` from start_step to phase.steps optimizer steps, evaluating on the way and at the end."""
     step_model = torch.compile(model, dynamic=False) if args.compile else model
-    accum = phase.batch_size // (args.device_batch_size * args.seq_len)  # micro-batches per optimizer step
-    tokens_per_step_flops = phase.flops_per_token * phase.batch_size
+    accum = phase.batch_size // (args.device_batch_size * args.seq_len * ctx["world"])  # micro-batches per step and rank
+    step_flops = phase.flops_per_token * phase.batch_size
     log, peak = ctx["log"], ctx["peak"]
-    smooth_loss = torch.zeros((), device=args.device)  # EMA of the train loss, updated every step on the device
     phase_start = last_log_time = time.time()
-    last_log_step = 0
-    for step in range(phase.steps + 1):
-        flops = ctx["flops_before"] + tokens_per_step_flops * step
+    last_log_step = start_step
+    for step in range(start_step, phase.steps + 1):
+        flops = ctx["flops_before"] + step_flops * step
         if step == phase.steps or (args.eval_every and step % args.eval_every == 0):
             model.eval()
             bpb = evaluate_bpb(step_model, ctx["val"], ctx["token_bytes"], ctx["autocast"])
@@ -891,6 +978,7 @@ def train_phase(phase, model, optimizer, args, ctx):
                 loss = step_model(x, y)
             (loss / accum).backward()  # gradients add up over micro-batches: divide to get the mean
             loss_sum += loss.detach()
+        average_gradients(model, ctx["world"])
         lrm, momentum, weight_decay = schedule_at(phase, step, args, ctx)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
@@ -898,31 +986,46 @@ def train_phase(phase, model, optimizer, args, ctx):
                 group["momentum"], group["weight_decay"] = momentum, weight_decay
         optimizer.step()
         model.zero_grad(set_to_none=True)
-        smooth_loss.lerp_(loss_sum / accum, 0.1)  # smooth = 0.9 smooth + 0.1 loss
-        if (step + 1) % args.log_every and step + 1 != phase.steps:
-            continue  # no host sync on the steps we don't log
-        loss, smoothed = torch.stack([loss_sum / accum, smooth_loss]).tolist()  # the one host sync of a logged step
-        smoothed /= 1 - 0.9 ** (step + 1)  # debias: the EMA started from zero
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"{phase.name} phase: loss is {loss} at step {step + 1}; the last checkpoint is left as it was")
-        now = time.time()
-        dt = (now - last_log_time) / (step + 1 - last_log_step)  # mean over the steps since the last log line
-        last_log_time, last_log_step = now, step + 1
-        tok_per_s = phase.batch_size / dt
-        mfu = 100 * phase.flops_per_token * tok_per_s / peak if peak else None
-        elapsed = now - phase_start
-        eta = elapsed / (step + 1) * (phase.steps - step - 1)
-        log(f"{phase.name} step {step + 1}/{phase.steps} | loss {smoothed:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | "
-            f"tok/s {tok_per_s:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu is not None else "") +
-            f" | elapsed {elapsed / 60:.1f}m | eta {eta / 60:.1f}m",
-            kind="train", phase=phase.name, step=step + 1, loss=smoothed, raw_loss=loss, lrm=lrm, dt=dt,
-            tok_per_s=tok_per_s, mfu=mfu, flops=flops + tokens_per_step_flops, elapsed=elapsed)
-    if args.sample_tokens:
+        if ctx["world"] > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= ctx["world"]
+        ctx["smooth_loss"].lerp_(loss_sum / accum, 0.1)  # smooth = 0.9 smooth + 0.1 loss
+        if not (step + 1) % args.log_every or step + 1 == phase.steps:  # the host syncs only on logged steps
+            loss, smoothed = torch.stack([loss_sum / accum, ctx["smooth_loss"]]).tolist()
+            smoothed /= 1 - 0.9 ** (step + 1)  # debias: the EMA started from zero
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"{phase.name} phase: loss is {loss} at step {step + 1}; the last checkpoint is left as it was")
+            now = time.time()
+            dt = (now - last_log_time) / (step + 1 - last_log_step)  # mean over the steps since the last log line
+            last_log_time, last_log_step = now, step + 1
+            tok_per_s = phase.batch_size / dt
+            mfu = 100 * phase.flops_per_token * tok_per_s / (peak * ctx["world"]) if peak else None
+            elapsed = now - phase_start
+            eta = elapsed / (step + 1 - start_step) * (phase.steps - step - 1)
+            log(f"{phase.name} step {step + 1}/{phase.steps} | loss {smoothed:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | "
+                f"tok/s {tok_per_s:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu is not None else "") +
+                f" | elapsed {elapsed / 60:.1f}m | eta {eta / 60:.1f}m",
+                kind="train", phase=phase.name, step=step + 1, loss=smoothed, raw_loss=loss, lrm=lrm, dt=dt,
+                tok_per_s=tok_per_s, mfu=mfu, flops=flops + step_flops, elapsed=elapsed)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < phase.steps:
+            save_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"), model, optimizer, args, phase, step + 1, ctx)
+    check_replicas_agree(model, ctx["world"])
+    if args.sample_tokens and ctx["rank"] == 0:
         text = sample_text(model, ctx["tokenizer"], ctx["prompt"], args.sample_tokens, ctx["autocast"])
         log(f"{phase.name} sample: {text!r}", kind="sample", phase=phase.name, text=text)
     ctx["val_bpb"][phase.name] = bpb
-    ctx["flops_before"] += phase.flops
-    ctx["steps_before"] += phase.steps
+
+
+def grow(shallow, shallow_optimizer, deep_phase, args, ctx):
+    """The deep model and its optimizer, grown from the trained shallow model."""
+    growth_factor = args.stack_to // args.depth
+    deep = stack_model(shallow, growth_factor, args.grow)
+    broadcast_weights(deep, ctx["world"])
+    optimizer = build_optimizer(deep, args, deep_phase.batch_size, deep_phase.weight_decay)
+    if args.grow_optim == "carry":
+        carry_optimizer_state(shallow, shallow_optimizer, deep, optimizer, growth_factor, args.grow)
+    ctx["log"](f"grew {args.depth} -> {args.stack_to} layers by {args.grow}, optimizer state {args.grow_optim}")
+    return deep, optimizer
 
 
 def paper_growth_tokens(params, flops):
@@ -954,6 +1057,14 @@ def describe_plan(phases, args, meta, flops_before=0):
 
 def run(args):
     """Everything that can fail on bad input is checked before the run folder is touched."""
+    resume = None
+    if args.resume:
+        resume = resume_point(args)
+        if resume is None:
+            print(f"{args.out_dir} already finished: nothing to resume")
+            return
+        resume, args = resume
+    rank, world = setup_distributed(args.device)
     torch.manual_seed(args.seed)
     meta, train_shards, val_shards = load_data(args)
     tokenizer = prepare_data.load_tokenizer(args.data)
@@ -961,47 +1072,58 @@ def run(args):
     if init:
         check_init_from(init, args, meta["vocab_size"])
     baseline = read_metrics(args.baseline) if args.baseline else None
-    phases = plan_phases(args, meta["vocab_size"], shallow_flops=init["flops"] if init else None)
-    prepare_run_dir(args)
-    log = RunLog(args.out_dir)
-    log(f"config: {json.dumps(vars(args))}")
+    phases = plan_phases(args, meta["vocab_size"], shallow_flops=init["flops"] if init else None, world=world)
     flops_before = init["flops"] if init else 0
-    log(describe_plan(phases, args, meta, flops_before), kind="plan", phases=[{**asdict(p), "flops": p.flops} for p in phases])
+    if rank == 0:
+        prepare_run_dir(args, resume["metrics_lines"] if resume else None)
+    if world > 1:
+        dist.barrier()  # the run folder exists before anyone writes to it
+    log = RunLog(args.out_dir, enabled=rank == 0, lines=resume["metrics_lines"] if resume else 0)
+    log(f"config: {json.dumps(vars(args))}")
+    if not resume:
+        log(describe_plan(phases, args, meta, flops_before), kind="plan", phases=[{**asdict(p), "flops": p.flops} for p in phases])
     if args.device == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls outside autocast
-    ctx = dict(log=log, peak=peak_flops(args.device), autocast=autocast_for(args.device), tokenizer=tokenizer,
-               loader=TokenWindows(train_shards, args.seq_len, args.seed, args.device),
-               val=val_batches(val_shards, args, args.device), prompt=[int(t) for t in val_shards[0][:8]],
+    ctx = dict(log=log, rank=rank, world=world, peak=peak_flops(args.device), autocast=autocast_for(args.device), tokenizer=tokenizer,
+               loader=TokenWindows(train_shards, args.seq_len, args.seed, args.device, rank, world),
+               val=val_batches(val_shards, args, args.device)[rank::world], prompt=[int(t) for t in val_shards[0][:8]],
                token_bytes=torch.tensor(prepare_data.load_token_bytes(args.data), device=args.device), val_bpb={},
-               flops_before=flops_before, steps_before=init["step"] if init else 0,
+               flops_before=flops_before, steps_before=init["step"] if init else 0, smooth_loss=torch.zeros((), device=args.device),
                total_flops=flops_before + sum(p.flops for p in phases))
-    start, deep = time.time(), phases[-1]
-    if args.stacked:
-        if init:
-            shallow = GPT(init["model_config"]).to(args.device)
-            shallow.load_state_dict(init["model"])
-            shallow_optimizer = build_optimizer(shallow, args, init["batch_size"], init["weight_decay"])
-            shallow_optimizer.load_state_dict(init["optimizer"])
-            ctx["loader"].load_state_dict(init["loader"])
-            torch.set_rng_state(init["rng"].cpu())
-            log(f"shallow model from {args.init_from} ({flops_before:.3e} FLOPs already spent)")
-        else:
-            shallow = build_model(phases[0].config, args.device)
-            shallow_optimizer = build_optimizer(shallow, args, phases[0].batch_size, phases[0].weight_decay)
-            train_phase(phases[0], shallow, shallow_optimizer, args, ctx)
-            save_checkpoint(os.path.join(args.out_dir, "shallow.pt"), shallow, shallow_optimizer, args, phases[0], ctx)
-        growth_factor = args.stack_to // args.depth
-        model = stack_model(shallow, growth_factor, args.grow)
-        optimizer = build_optimizer(model, args, deep.batch_size, deep.weight_decay)
-        if args.grow_optim == "carry":
-            carry_optimizer_state(shallow, shallow_optimizer, model, optimizer, growth_factor, args.grow)
-        del shallow, shallow_optimizer
-        log(f"grew {args.depth} -> {args.stack_to} layers by {args.grow}, optimizer state {args.grow_optim}")
-    else:
-        model = build_model(deep.config, args.device)
-        optimizer = build_optimizer(model, args, deep.batch_size, deep.weight_decay)
-    train_phase(deep, model, optimizer, args, ctx)
-    save_checkpoint(os.path.join(args.out_dir, "final.pt"), model, optimizer, args, deep, ctx)
+    start = time.time()
+    # Where training starts: a new model, a shallow checkpoint (--init-from), or an interrupted run (--resume)
+    start_ckpt = resume or init
+    first, start_step = 0, 0
+    if start_ckpt:
+        model = GPT(start_ckpt["model_config"]).to(args.device)
+        model.load_state_dict(start_ckpt["model"])
+        optimizer = build_optimizer(model, args, start_ckpt["batch_size"], start_ckpt["weight_decay"])
+        optimizer.load_state_dict(start_ckpt["optimizer"])
+        ctx["loader"].load_state_dict(start_ckpt["loader"])
+        torch.set_rng_state(start_ckpt["rng"].cpu())
+        if args.device == "cuda":
+            torch.cuda.set_rng_state(start_ckpt["cuda_rng"].cpu())
+        log(f"starting from {'the checkpoint' if resume else args.init_from}: {start_ckpt['phase']} step {start_ckpt['step']}, {start_ckpt['flops']:.3e} FLOPs spent")
+    if resume:
+        first = [p.name for p in phases].index(resume["phase"])
+        start_step = resume["step"]
+        ctx.update(flops_before=resume["phase_flops_before"], steps_before=resume["phase_steps_before"], val_bpb=resume["val_bpb"])
+        ctx["smooth_loss"].fill_(resume["smooth_loss"])
+    elif not init:
+        model = build_model(phases[0].config, args.device)
+        optimizer = build_optimizer(model, args, phases[0].batch_size, phases[0].weight_decay)
+    broadcast_weights(model, world)
+    for phase in phases[first:]:
+        if model.config.n_layer != phase.config.n_layer:  # the shallow phase is over: grow
+            model, optimizer = grow(model, optimizer, phase, args, ctx)
+        if start_step < phase.steps:
+            train_phase(phase, model, optimizer, args, ctx, start_step)
+            name = "shallow.pt" if phase.name == "shallow" else "final.pt"
+            save_checkpoint(os.path.join(args.out_dir, name), model, optimizer, args, phase, phase.steps, ctx)
+        ctx["flops_before"] += phase.flops
+        ctx["steps_before"] += phase.steps
+        ctx["smooth_loss"].zero_()
+        start_step = 0
     wall = time.time() - start
     memory = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
     log(f"done: val bpb {' | '.join(f'{k} {v:.4f}' for k, v in ctx['val_bpb'].items())} | {ctx['flops_before']:.3e} FLOPs | {wall / 60:.1f} min"
@@ -1009,6 +1131,8 @@ def run(args):
         phase_flops={p.name: p.flops for p in phases}, wall_time=wall, peak_memory_gib=memory)
     if baseline:
         log(format_report([acceleration(baseline, read_metrics(log.path), args.out_dir)]))
+    if world > 1:
+        dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------

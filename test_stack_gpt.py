@@ -1034,7 +1034,7 @@ def test_init_from_checkpoint_that_does_not_fit(capsys, tiny_run, tiny_data, tmp
     expect_usage_error(capsys, TINY + ["--data", tiny_data, "--out-dir", str(tmp_path / "b"), "--init-from", final], "takes the shallow.pt")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(os.urandom(1000))
-    expect_usage_error(capsys, TINY + ["--data", tiny_data, "--out-dir", str(tmp_path / "c"), "--init-from", str(junk)], "not a readable")
+    expect_usage_error(capsys, TINY + ["--data", tiny_data, "--out-dir", str(tmp_path / "c"), "--init-from", str(junk)], "is not a torch checkpoint")
     assert not any(os.path.exists(tmp_path / d) for d in "abcd")
 
 
