@@ -924,8 +924,8 @@ def average_gradients(model, world):
     if world == 1:
         return
     grads = [p.grad for p in model.parameters()]
-    for work in [dist.all_reduce(g, async_op=True) for g in grads]:
-        work.wait()
+    for g in grads:
+        dist.all_reduce(g)  # a sum over ranks (with NCCL these calls queue on the GPU and return at once)
     torch._foreach_div_(grads, world)
 
 
@@ -1132,7 +1132,10 @@ def run(args):
     if baseline:
         log(format_report([acceleration(baseline, read_metrics(log.path), args.out_dir)]))
     if world > 1:
+        dist.barrier()  # leave together, then skip the interpreter's teardown: with gloo it can abort at exit
         dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)
 
 
 # -----------------------------------------------------------------------------

@@ -961,6 +961,118 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_data, tmp_pa
 
 
 # -----------------------------------------------------------------------------
+# Data parallel, resume, and checkpoints that survive
+
+def comparable(records):
+    """The records that must repeat exactly, without the timings."""
+    timing = ("dt", "tok_per_s", "mfu", "elapsed", "wall_time")
+    return [{k: v for k, v in r.items() if k not in timing} for r in records if r["kind"] in ("train", "eval", "summary")]
+
+
+def test_two_processes_match_one(tiny_data, tmp_path):
+    """torchrun with 2 gloo processes gives the 1-process losses: each rank takes half of every batch."""
+    flags = TINY + ["--data", tiny_data, "--device", "cpu", "--sample-tokens", "0"]
+    sg.main(flags + ["--out-dir", str(tmp_path / "one")])
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "stack_gpt.py"]
+                            + flags + ["--out-dir", str(tmp_path / "two")], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]  # includes the check that both ranks hold the same weights
+    one, two = comparable(read_metrics(tmp_path / "one")), comparable(read_metrics(tmp_path / "two"))
+    assert [(r["kind"], r.get("phase"), r.get("step")) for r in one] == [(r["kind"], r.get("phase"), r.get("step")) for r in two]
+    for a, b in zip(one, two):
+        for key in ("raw_loss", "loss", "val_bpb"):
+            if key in a and isinstance(a[key], float):
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (a, b)
+    final = [torch.load(tmp_path / d / "final.pt", weights_only=True)["model"] for d in ("one", "two")]
+    for name, tensor in final[0].items():
+        assert torch.allclose(final[1][name], tensor, rtol=1e-4, atol=1e-5), name
+
+
+LONG = TINY + ["--shallow-steps", "40", "--deep-steps", "40", "--eval-every", "10", "--save-every", "7", "--sample-tokens", "0"]
+
+
+def kill_when(argv, out, phase, step):
+    """Run stack_gpt.py in a subprocess and SIGKILL it once its metrics show `phase` past `step`."""
+    proc = subprocess.Popen([sys.executable, "stack_gpt.py"] + argv, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, metrics = time.time() + 240, os.path.join(out, "metrics.jsonl")
+    while proc.poll() is None and time.time() < deadline:
+        if os.path.exists(metrics) and any(f'"phase": "{phase}", "step": {step},' in line for line in open(metrics)):
+            proc.send_signal(signal.SIGKILL)
+        time.sleep(0.005)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+@pytest.mark.parametrize("phase", ["shallow", "deep"])
+def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path, phase):
+    sg.main(LONG + ["--data", tiny_data, "--out-dir", str(tmp_path / "whole")])
+    out = str(tmp_path / "killed")
+    kill_when(LONG + ["--data", tiny_data, "--out-dir", out], out, phase, 24)
+    assert not os.path.exists(os.path.join(out, "final.pt"))
+    sg.main(["--resume", "--out-dir", out])  # the flags come from the checkpoint
+    assert comparable(read_metrics(out)) == comparable(read_metrics(tmp_path / "whole"))
+    whole, resumed = (torch.load(os.path.join(d, "final.pt"), weights_only=True) for d in (str(tmp_path / "whole"), out))
+    assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
+    assert whole["loader"] == resumed["loader"]
+
+
+def test_resume_of_a_finished_run_says_so(tiny_run, capsys):
+    before = open(os.path.join(tiny_run, "metrics.jsonl")).read()
+    sg.main(["--resume", "--out-dir", tiny_run])
+    assert "already finished" in capsys.readouterr().out
+    assert open(os.path.join(tiny_run, "metrics.jsonl")).read() == before
+
+
+def test_resume_without_a_checkpoint(capsys, tmp_path):
+    expect_usage_error(capsys, ["--resume", "--out-dir", str(tmp_path)], "--save-every")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo this should never run",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the bare pickle below
+def test_bad_checkpoints_are_refused(capsys, tiny_run, tiny_data, tmp_path):
+    good = open(os.path.join(tiny_run, "shallow.pt"), "rb").read()
+    files = {"truncated.pt": good[:len(good) // 2], "random.pt": os.urandom(4096),
+             "bare-pickle.pt": __import__("pickle").dumps(_Evil())}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"format": sg.CHECKPOINT_FORMAT, "payload": _Evil()}, tmp_path / "code.pt")
+    expected = {"truncated.pt": "is truncated or damaged", "random.pt": "is not a torch checkpoint",
+                "bare-pickle.pt": "holds code", "code.pt": "holds code"}
+    for name, message in expected.items():
+        argv = TINY + ["--data", tiny_data, "--out-dir", str(tmp_path / "run"), "--init-from", str(tmp_path / name)]
+        expect_usage_error(capsys, argv, message)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = trained_looking(tiny_config())
+    optimizer = sg.build_optimizer(model, optimizer_args(), 2**19, 0.1)
+    phase = sg.Phase("shallow", model.config, 10, 4096, 1000, 0.1, 0.0)
+    loader = types.SimpleNamespace(state_dict=lambda: {"epoch": 0, "cursor": 3})
+    ctx = dict(rank=0, flops_before=0, steps_before=0, smooth_loss=torch.tensor(1.5), val_bpb={}, log=types.SimpleNamespace(lines=4), loader=loader)
+    args = types.SimpleNamespace(device="cpu", x=1)
+    path = str(tmp_path / "checkpoint.pt")
+    sg.save_checkpoint(path, model, optimizer, args, phase, 1, ctx)
+
+    def interrupted(*a):
+        raise KeyboardInterrupt  # Ctrl-C (or a crash) after the temp file is written, before the rename
+    monkeypatch.setattr(sg.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sg.save_checkpoint(path, model, optimizer, args, phase, 2, ctx)
+    monkeypatch.undo()
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(sg.torch, "save", disk_full)
+    with pytest.raises(sg.UsageError, match="free some disk space"):
+        sg.save_checkpoint(path, model, optimizer, args, phase, 3, ctx)
+    monkeypatch.undo()
+    assert sg.load_checkpoint(path, "cpu")["step"] == 1 and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+# -----------------------------------------------------------------------------
 # Bad input: one line naming the fix, exit code 2, nothing written
 
 def run_script(*argv):
