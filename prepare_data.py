@@ -81,6 +81,8 @@ def write_atomic(path, write):
     try:
         with open(tmp, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave a renamed empty file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):  # an error or Ctrl-C midway: leave nothing half-written

@@ -67,7 +67,7 @@ def get_parser():
     o.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW learning rate for the lm_head")
     o.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW learning rate for x0_lambdas (resid_lambdas get 1%% of it)")
     o.add_argument("--weight-decay", type=float, default=0.2, help="Muon cautious weight decay at d12 (scaled with batch and horizon)")
-    o.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of each phase spent in linear LR warmup")
+    o.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of each phase (of the whole run with --schedule global) spent in linear LR warmup")
     o.add_argument("--warmdown-ratio", type=float, default=None, help="fraction of the deep (or only) phase spent decaying the LR (default: 1.0 after stacking, 0.5 for a baseline or a global schedule)")
     o.add_argument("--shallow-warmdown-ratio", type=float, default=0.0, help="warmdown ratio of the shallow phase")
     o.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of warmdown")
@@ -104,8 +104,12 @@ def resolve_args(argv=None):
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive (got {value})")
-    if args.eval_every < 0 or args.eval_tokens <= 0 or args.sample_tokens < 0 or args.save_every < 0:
-        raise UsageError("--eval-every, --sample-tokens, --save-every must be >= 0 and --eval-tokens > 0")
+    if args.eval_every < 0 or args.sample_tokens < 0 or args.save_every < 0:
+        raise UsageError("--eval-every, --sample-tokens and --save-every must be >= 0")
+    if args.eval_tokens < args.seq_len:
+        raise UsageError(f"--eval-tokens {args.eval_tokens} is less than one sequence: give at least --seq-len {args.seq_len}")
+    if args.head_dim % 2:
+        raise UsageError(f"--head-dim {args.head_dim} must be even (rotary turns pairs of channels)")
     for name in ["warmup_ratio", "warmdown_ratio", "shallow_warmdown_ratio", "final_lr_frac"]:
         value = getattr(args, name)
         if value is not None and value < 0:
@@ -116,6 +120,8 @@ def resolve_args(argv=None):
         raise UsageError("--init-from starts the deep phase from a shallow checkpoint: give --stack-to too")
     args.stacked = args.stack_to is not None
     args.final_depth = args.stack_to if args.stacked else args.depth
+    if args.final_depth * args.aspect_ratio < 32:
+        raise UsageError("the model is narrower than the 32 channels the value-embedding gate reads: raise --aspect-ratio")
     if args.warmdown_ratio is None:  # the write-up's best deep-phase value after stacking, else nanochat's default
         args.warmdown_ratio = 1.0 if args.stacked and args.schedule == "phases" else 0.5
     if args.device is None:
@@ -183,6 +189,8 @@ class TokenWindows:
         return {"epoch": self.epoch, "cursor": self.cursor}
 
     def load_state_dict(self, state):
+        if state["cursor"] > self.num_windows:
+            raise DataError(f"the checkpoint's data position ({state['cursor']} windows) lies beyond this data: use the data it was trained on")
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self.order = self._order(self.epoch)
 
@@ -236,7 +244,7 @@ def rotary_tables(seq_len, head_dim, base=10000):
 
 
 def apply_rotary(x, cos, sin):
-    # Rotate the pair (x1[j], x2[j]) by angle j's position-dependent angle; halves, not interleaved pairs.
+    # Rotate each pair (x1[j], x2[j]) by the angle position * frequency j; pairs are halves, not neighbours.
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
@@ -388,13 +396,18 @@ class GPT(nn.Module):
         return ids[0, len(tokens):].tolist()
 
 
-def build_model(config, device):
-    """Make a model on `device`, initialized by init_weights; on CUDA the lookup tables are stored in bf16."""
+def new_model(config, device):
+    """An uninitialized model on `device`; on CUDA its lookup tables are stored in bf16, as nanochat does."""
     model = GPT(config).to(device)
-    model.init_weights()
     if device == "cuda":
         for table in model.embeddings():
             table.to(torch.bfloat16)  # only looked up, never multiplied: bf16 halves their memory
+    return model
+
+
+def build_model(config, device):
+    model = new_model(config, device)
+    model.init_weights()
     return model
 
 
@@ -530,7 +543,7 @@ def build_optimizer(model, args, batch_size, weight_decay):
 
 def lr_multiplier(step, steps, warmup_ratio, warmdown_ratio, final_lr_frac):
     """Linear warmup, then 1.0, then a linear decay over the last warmdown_ratio * steps to final_lr_frac.
-    (The global schedule passes FLOPs done and FLOPs planned as step and steps.)"""
+    (The global schedule passes the whole run's position and length, counted in steps of the current phase.)"""
     warmup, warmdown = round(warmup_ratio * steps), round(warmdown_ratio * steps)
     if step < warmup:
         return (step + 1) / warmup
@@ -560,8 +573,10 @@ def schedule_at(phase, step, args, ctx):
     if args.schedule == "phases":
         return (lr_multiplier(step, phase.steps, args.warmup_ratio, phase.warmdown_ratio, args.final_lr_frac),
                 muon_momentum(step), weight_decay_at(step, phase.steps, phase.weight_decay))
-    done = ctx["flops_before"] + phase.flops_per_token * phase.batch_size * step
-    return (lr_multiplier(done, ctx["total_flops"], args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac),
+    step_flops = phase.flops_per_token * phase.batch_size
+    done = ctx["flops_before"] + step_flops * step
+    # position and length in steps of this phase (fractional), so that warmup's "+1" is one step
+    return (lr_multiplier(done / step_flops, ctx["total_flops"] / step_flops, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac),
             muon_momentum(ctx["steps_before"] + step), weight_decay_at(done, ctx["total_flops"], phase.weight_decay))
 
 
@@ -626,9 +641,7 @@ def stack_model(shallow, growth_factor, grow="stack"):
     """
     n_layer = shallow.config.n_layer
     layer_map = growth_layer_map(n_layer, growth_factor, grow)
-    deep = GPT(stacked_config(shallow.config, layer_map)).to(shallow.wte.weight.device)
-    for table in deep.embeddings():
-        table.to(shallow.wte.weight.dtype)  # bf16 tables stay bf16 on CUDA
+    deep = new_model(stacked_config(shallow.config, layer_map), shallow.wte.weight.device.type)
     grown = grow_tensors(shallow.state_dict(), layer_map)
     copies = range(n_layer, len(layer_map))
     if grow == "identity":
@@ -752,6 +765,8 @@ def plan_phases(args, vocab_size, shallow_flops=None, world=1):
             params, fpt = measure(shallow_config)
             batch, wd = batch_and_weight_decay(params, ref_params, args)
             steps = args.shallow_steps or int(args.shallow_ratio * params) // batch
+            if steps == 0:
+                raise UsageError(f"--shallow-ratio {args.shallow_ratio} gives 0 shallow steps of {batch} tokens: raise it")
             phases.append(Phase("shallow", shallow_config, steps, batch, fpt, wd, args.shallow_warmdown_ratio))
             shallow_flops = phases[0].flops
     params, fpt = measure(final_config)
@@ -781,12 +796,15 @@ def plan_phases(args, vocab_size, shallow_flops=None, world=1):
 def save_checkpoint(path, model, optimizer, args, phase, step, ctx):
     """
     Everything needed to continue from the end of `step` of `phase`: model, optimizer, data position,
-    RNG, the smoothed loss and how many metrics lines were written. Only rank 0 writes, to a temp
-    file that is flushed to disk and then renamed over the old one, so a crash or a full disk at
-    any moment leaves the previous checkpoint whole.
+    RNG, the smoothed loss and how many metrics lines were written. Only rank 0 writes, through
+    prepare_data.write_atomic (a temp file, flushed to disk, renamed over the old one), so a crash or
+    a full disk at any moment leaves the previous checkpoint whole.
     """
     if ctx["rank"]:
         return
+    if not math.isfinite(ctx["smooth_loss"]):  # a NaN since the last logged step must not become the checkpoint to resume
+        raise TrainingDiverged(f"{phase.name} phase: the loss became {float(ctx['smooth_loss'])} by step {step}; "
+                               "the last checkpoint is left as it was")
     state = {
         "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "model_config": asdict(model.config), "args": vars(args), "phase": phase.name, "step": step,
@@ -797,27 +815,18 @@ def save_checkpoint(path, model, optimizer, args, phase, step, ctx):
         "loader": ctx["loader"].state_dict(), "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state() if args.device == "cuda" else torch.zeros(0, dtype=torch.uint8),
     }
-    tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise UsageError(f"could not write {path} ({e.strerror}); the previous checkpoint is untouched: free some disk space")
-        raise
+        prepare_data.write_atomic(path, lambda f: torch.save(state, f))
+    except OSError as e:
+        raise UsageError(f"could not write {path} ({e.strerror}); the previous checkpoint is untouched: free some disk space")
 
 
-def load_checkpoint(path, device):
+def load_checkpoint(path):
     """Load with weights_only=True: tensors and plain data only, never code from the file."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}: give the shallow.pt of a finished phase 1")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # CPU: every rank, whatever its GPU
     except Exception as e:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -850,7 +859,7 @@ def resume_point(args):
     """
     if os.path.exists(os.path.join(args.out_dir, "final.pt")):
         return None
-    found = [load_checkpoint(p, args.device) for p in (os.path.join(args.out_dir, n) for n in ("checkpoint.pt", "shallow.pt")) if os.path.exists(p)]
+    found = [load_checkpoint(p) for p in (os.path.join(args.out_dir, n) for n in ("checkpoint.pt", "shallow.pt")) if os.path.exists(p)]
     if not found:
         raise UsageError(f"nothing to resume in {args.out_dir}: no checkpoint.pt or shallow.pt (start runs with --save-every N)")
     ckpt = max(found, key=lambda c: (c["phase"] != "shallow", c["step"]))  # a later phase, then a later step
@@ -858,17 +867,37 @@ def resume_point(args):
     return ckpt, saved
 
 
-def prepare_run_dir(args, metrics_lines=None):
-    """Refuse to clobber a finished run; start a fresh metrics file, or cut a resumed one back to its checkpoint."""
-    if os.path.exists(os.path.join(args.out_dir, "final.pt")) and not args.overwrite:
+RUN_FILES = ("final.pt", "checkpoint.pt", "shallow.pt", "metrics.jsonl")
+
+
+def check_run_dir(args):
+    """Refuse to mix a new run into a folder holding another one, finished or not, without --overwrite."""
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UsageError(f"--out-dir {args.out_dir} is a file: choose a folder")
+    if args.resume or args.overwrite:
+        return
+    if os.path.exists(os.path.join(args.out_dir, "final.pt")):
         raise UsageError(f"{args.out_dir} already holds a finished run: pass --overwrite or choose another --out-dir")
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+    if any(os.path.exists(os.path.join(args.out_dir, name)) for name in RUN_FILES):
+        raise UsageError(f"{args.out_dir} holds an unfinished run: --resume continues it, --overwrite starts over")
+
+
+def prepare_run_dir(args, metrics_lines=None):
+    """Save the config; start a fresh metrics file (and drop an old run's checkpoints), or cut a resumed one back."""
     path = os.path.join(args.out_dir, "metrics.jsonl")
-    kept = open(path).readlines()[:metrics_lines] if metrics_lines is not None else []
-    with open(path, "w") as f:
-        f.writelines(line for line in kept if line.endswith("\n"))
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        kept = []
+        if metrics_lines is None:
+            for name in RUN_FILES[:3]:
+                if os.path.exists(os.path.join(args.out_dir, name)):
+                    os.remove(os.path.join(args.out_dir, name))
+        elif os.path.exists(path):
+            kept = [line for line in open(path).readlines()[:metrics_lines] if line.endswith("\n")]
+        prepare_data.write_atomic(os.path.join(args.out_dir, "config.json"), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
+        prepare_data.write_atomic(path, lambda f: f.write("".join(kept).encode()))
+    except OSError as e:
+        raise UsageError(f"cannot write the run folder {args.out_dir} ({e.strerror}): choose another --out-dir")
 
 
 class RunLog:
@@ -892,7 +921,7 @@ class RunLog:
 
 PEAK_BF16_FLOPS = [  # (substrings of the device name, dense bf16 FLOP/s); first match wins
     (("h100", "pcie"), 756e12), (("h100", "nvl"), 835e12), (("h100",), 989e12), (("h200",), 989e12),
-    (("b200",), 2.25e15), (("a100",), 312e12), (("l40s",), 362e12), (("l4",), 121e12),
+    (("b200",), 2.25e15), (("a100",), 312e12), (("l40s",), 362e12), (("l40",), 181e12), (("l4",), 121e12),
     (("rtx pro 6000",), 503.8e12), (("5090",), 209.5e12), (("4090",), 165.2e12), (("3090",), 71e12),
 ]
 
@@ -1044,7 +1073,8 @@ def describe_plan(phases, args, meta, flops_before=0):
     total_flops = flops_before + sum(p.flops for p in phases)
     epochs = sum(tokens) / meta["train_tokens"]
     lines.append(f"total: {total_flops:.3e} FLOPs, {sum(tokens):,} tokens"
-                 + (f" = {epochs:.2f} epochs of the {meta['train_tokens']:,} train tokens" if epochs > 1 else ""))
+                 + (f" = {epochs:.2f} epochs of the {meta['train_tokens']:,} train tokens" if epochs > 1 else "")
+                 + (f" | one LR schedule over the whole run, warmdown {args.warmdown_ratio}" if args.schedule == "global" else ""))
     if args.stacked and not flops_before:
         with torch.device("meta"):
             deep_params = GPT(phases[-1].config).param_counts()["total"]
@@ -1055,63 +1085,73 @@ def describe_plan(phases, args, meta, flops_before=0):
     return "\n".join(lines)
 
 
+def restore(ckpt, args, ctx, same_data=True):
+    """Model and optimizer from a checkpoint, with the RNG and (for the same data and seed) the data position it saved."""
+    model = new_model(ckpt["model_config"], args.device)
+    model.load_state_dict(ckpt["model"])
+    optimizer = build_optimizer(model, args, ckpt["batch_size"], ckpt["weight_decay"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if same_data:
+        ctx["loader"].load_state_dict(ckpt["loader"])
+    torch.set_rng_state(ckpt["rng"])
+    if args.device == "cuda" and ckpt["cuda_rng"].numel():  # empty when it was saved on a CPU
+        torch.cuda.set_rng_state(ckpt["cuda_rng"])
+    return model, optimizer
+
+
 def run(args):
     """Everything that can fail on bad input is checked before the run folder is touched."""
     resume = None
     if args.resume:
-        resume = resume_point(args)
-        if resume is None:
+        found = resume_point(args)
+        if found is None:
             print(f"{args.out_dir} already finished: nothing to resume")
             return
-        resume, args = resume
+        resume, args = found
+    check_run_dir(args)
     rank, world = setup_distributed(args.device)
     torch.manual_seed(args.seed)
     meta, train_shards, val_shards = load_data(args)
-    tokenizer = prepare_data.load_tokenizer(args.data)
-    init = load_checkpoint(args.init_from, args.device) if args.init_from else None
+    init = load_checkpoint(args.init_from) if args.init_from else None
     if init:
         check_init_from(init, args, meta["vocab_size"])
     baseline = read_metrics(args.baseline) if args.baseline else None
     phases = plan_phases(args, meta["vocab_size"], shallow_flops=init["flops"] if init else None, world=world)
     flops_before = init["flops"] if init else 0
+    ctx = dict(rank=rank, world=world, peak=peak_flops(args.device), autocast=autocast_for(args.device),
+               tokenizer=prepare_data.load_tokenizer(args.data), loader=TokenWindows(train_shards, args.seq_len, args.seed, args.device, rank, world),
+               val=val_batches(val_shards, args, args.device)[rank::world], prompt=[int(t) for t in val_shards[0][:8]],
+               token_bytes=torch.tensor(prepare_data.load_token_bytes(args.data), device=args.device), val_bpb={},
+               flops_before=flops_before, steps_before=init["step"] if init else 0, smooth_loss=torch.zeros((), device=args.device),
+               total_flops=flops_before + sum(p.flops for p in phases))
     if rank == 0:
         prepare_run_dir(args, resume["metrics_lines"] if resume else None)
     if world > 1:
         dist.barrier()  # the run folder exists before anyone writes to it
-    log = RunLog(args.out_dir, enabled=rank == 0, lines=resume["metrics_lines"] if resume else 0)
+    log = ctx["log"] = RunLog(args.out_dir, enabled=rank == 0, lines=resume["metrics_lines"] if resume else 0)
     log(f"config: {json.dumps(vars(args))}")
     if not resume:
         log(describe_plan(phases, args, meta, flops_before), kind="plan", phases=[{**asdict(p), "flops": p.flops} for p in phases])
     if args.device == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls outside autocast
-    ctx = dict(log=log, rank=rank, world=world, peak=peak_flops(args.device), autocast=autocast_for(args.device), tokenizer=tokenizer,
-               loader=TokenWindows(train_shards, args.seq_len, args.seed, args.device, rank, world),
-               val=val_batches(val_shards, args, args.device)[rank::world], prompt=[int(t) for t in val_shards[0][:8]],
-               token_bytes=torch.tensor(prepare_data.load_token_bytes(args.data), device=args.device), val_bpb={},
-               flops_before=flops_before, steps_before=init["step"] if init else 0, smooth_loss=torch.zeros((), device=args.device),
-               total_flops=flops_before + sum(p.flops for p in phases))
     start = time.time()
-    # Where training starts: a new model, a shallow checkpoint (--init-from), or an interrupted run (--resume)
-    start_ckpt = resume or init
+    # Where training starts: an interrupted run (--resume), a shallow checkpoint (--init-from), or a new model
     first, start_step = 0, 0
-    if start_ckpt:
-        model = GPT(start_ckpt["model_config"]).to(args.device)
-        model.load_state_dict(start_ckpt["model"])
-        optimizer = build_optimizer(model, args, start_ckpt["batch_size"], start_ckpt["weight_decay"])
-        optimizer.load_state_dict(start_ckpt["optimizer"])
-        ctx["loader"].load_state_dict(start_ckpt["loader"])
-        torch.set_rng_state(start_ckpt["rng"].cpu())
-        if args.device == "cuda":
-            torch.cuda.set_rng_state(start_ckpt["cuda_rng"].cpu())
-        log(f"starting from {'the checkpoint' if resume else args.init_from}: {start_ckpt['phase']} step {start_ckpt['step']}, {start_ckpt['flops']:.3e} FLOPs spent")
     if resume:
-        first = [p.name for p in phases].index(resume["phase"])
-        start_step = resume["step"]
+        model, optimizer = restore(resume, args, ctx)
+        first, start_step = [p.name for p in phases].index(resume["phase"]), resume["step"]
         ctx.update(flops_before=resume["phase_flops_before"], steps_before=resume["phase_steps_before"], val_bpb=resume["val_bpb"])
         ctx["smooth_loss"].fill_(resume["smooth_loss"])
-    elif not init:
+        log(f"resuming {args.out_dir}: {resume['phase']} step {resume['step']}, {resume['flops']:.3e} FLOPs spent")
+    elif init:
+        same_data = os.path.realpath(init["args"]["data"]) == os.path.realpath(args.data) and init["args"]["seed"] == args.seed
+        model, optimizer = restore(init, args, ctx, same_data)
+        log(f"shallow model from {args.init_from} ({flops_before:.3e} FLOPs spent); the deep phase reads "
+            + ("on from where it stopped" if same_data else "its data from the start (other data or seed)"))
+    else:
         model = build_model(phases[0].config, args.device)
         optimizer = build_optimizer(model, args, phases[0].batch_size, phases[0].weight_decay)
+    del resume, init  # their tensors now live in the model and optimizer
     broadcast_weights(model, world)
     for phase in phases[first:]:
         if model.config.n_layer != phase.config.n_layer:  # the shallow phase is over: grow
@@ -1147,8 +1187,13 @@ def read_metrics(path):
         path = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(path):
         raise UsageError(f"no metrics file at {path}: give a run folder or its metrics.jsonl")
+    records = []
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UsageError(f"{path} line {n} is not JSON (a run killed mid-write?): remove that line") from None
     if not any(r.get("kind") == "eval" for r in records):
         raise UsageError(f"{path} has no evaluations yet: give the metrics of a run that has evaluated")
     return records

@@ -313,6 +313,12 @@ def test_data_gpt2_like_tokenizer(tmp_path, monkeypatch):
     with pytest.raises(prepare_data.DataError, match="--tiktoken-file"):
         prepare_data.build_text_dataset([str(folder)], str(tmp_path / "g2"), tokenizer="gpt2")
     assert not os.path.exists(tmp_path / "g2")
+    # stack_gpt.py trains on it and measures bits per byte with GPT-2's ids (here every token is one byte)
+    run = str(tmp_path / "run")
+    sg.main(["--data", out, "--depth", "1", "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "32", "--device-batch-size", "2",
+             "--total-batch-size", "64", "--deep-steps", "2", "--eval-tokens", "256", "--sample-tokens", "0", "--out-dir", run])  # the fake ranks have gaps a sample could hit
+    bpb = [r["val_bpb"] for r in read_metrics(run) if r["kind"] == "eval"]
+    assert bpb[0] == pytest.approx(math.log2(50257) / 1.0, rel=0.05)  # a near-uniform model pays log2(vocab) bits a byte
 
 
 # -----------------------------------------------------------------------------
@@ -882,8 +888,8 @@ def test_two_phase_run_end_to_end(tiny_run):
 
 
 def test_checkpoints_reload_and_stacking_keeps_the_loss(tiny_run):
-    shallow_ckpt = sg.load_checkpoint(os.path.join(tiny_run, "shallow.pt"), "cpu")
-    final_ckpt = sg.load_checkpoint(os.path.join(tiny_run, "final.pt"), "cpu")
+    shallow_ckpt = sg.load_checkpoint(os.path.join(tiny_run, "shallow.pt"))
+    final_ckpt = sg.load_checkpoint(os.path.join(tiny_run, "final.pt"))
     assert (shallow_ckpt["phase"], final_ckpt["phase"]) == ("shallow", "deep")
     assert (shallow_ckpt["model_config"].n_layer, final_ckpt["model_config"].n_layer) == (1, 2)
     for ckpt in (shallow_ckpt, final_ckpt):
@@ -956,7 +962,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_data, tmp_pa
         sg.main(TINY + ["--data", tiny_data, "--out-dir", out])
     assert e.value.code == 1
     assert "deep phase: loss is nan at step 5" in capsys.readouterr().err
-    assert sg.load_checkpoint(os.path.join(out, "shallow.pt"), "cpu")["phase"] == "shallow"
+    assert sg.load_checkpoint(os.path.join(out, "shallow.pt"))["phase"] == "shallow"
     assert not os.path.exists(os.path.join(out, "final.pt"))
 
 
@@ -1069,7 +1075,18 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(sg.UsageError, match="free some disk space"):
         sg.save_checkpoint(path, model, optimizer, args, phase, 3, ctx)
     monkeypatch.undo()
-    assert sg.load_checkpoint(path, "cpu")["step"] == 1 and os.listdir(tmp_path) == ["checkpoint.pt"]
+    assert sg.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_nan_between_log_lines_never_becomes_a_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "nan")
+    real = sg.lr_multiplier
+    monkeypatch.setattr(sg, "lr_multiplier", lambda step, steps, *a: float("nan") if steps == 10 and step == 1 else real(step, steps, *a))
+    with pytest.raises(SystemExit) as e:
+        sg.main(TINY + ["--data", tiny_data, "--out-dir", out, "--log-every", "10", "--save-every", "4"])
+    assert e.value.code == 1 and "by step 4" in capsys.readouterr().err
+    ckpt = sg.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert (ckpt["phase"], ckpt["step"]) == ("shallow", 4) and math.isfinite(ckpt["smooth_loss"])
 
 
 # -----------------------------------------------------------------------------
@@ -1104,6 +1121,10 @@ def test_bad_input_exits_2_without_traceback(tmp_path):
     (["--total-batch-size", "0"], "--total-batch-size must be positive"),
     (["--warmdown-ratio", "-0.5"], "--warmdown-ratio must be >= 0"),
     (["--init-from", "x.pt"], "give --stack-to too"),
+    (["--eval-tokens", "100", "--seq-len", "256"], "at least --seq-len 256"),
+    (["--head-dim", "33"], "must be even"),
+    (["--depth", "1", "--aspect-ratio", "16"], "narrower than the 32 channels"),
+    (["--depth", "2", "--stack-to", "4", "--shallow-ratio", "0.0001"], "0 shallow steps"),
 ])
 def test_bad_flags(capsys, tmp_path, argv, fragment):
     expect_usage_error(capsys, argv + ["--out-dir", str(tmp_path / "run")], fragment)
@@ -1124,6 +1145,21 @@ def test_batch_not_divisible(capsys, tiny_data, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="only meaningful without a GPU")
 def test_cuda_requested_without_gpu(capsys):
     expect_usage_error(capsys, ["--device", "cuda"], "--device cpu")
+
+
+def test_unfinished_run_or_a_file_is_not_overwritten(capsys, tiny_data, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    expect_usage_error(capsys, TINY + ["--data", tiny_data, "--out-dir", str(tmp_path / "file")], "is a file")
+    os.makedirs(tmp_path / "half")
+    (tmp_path / "half" / "metrics.jsonl").write_text('{"kind": "plan"}\n')
+    expect_usage_error(capsys, TINY + ["--data", tiny_data, "--out-dir", str(tmp_path / "half")], "--resume continues it")
+    assert (tmp_path / "half" / "metrics.jsonl").read_text() == '{"kind": "plan"}\n'
+
+
+def test_compare_names_a_broken_metrics_line(capsys, tiny_run, tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(open(os.path.join(tiny_run, "metrics.jsonl")).read() + '{"kind": "tra')
+    expect_usage_error(capsys, ["--compare", tiny_run, str(broken)], f"line {len(open(os.path.join(tiny_run, 'metrics.jsonl')).readlines()) + 1} is not JSON")
 
 
 def test_finished_run_is_not_overwritten(capsys, tiny_run, tiny_data):
@@ -1162,5 +1198,5 @@ def test_cuda_bf16_compiled_training_step_and_mfu(tiny_data, tmp_path, capsys):
     assert all(math.isfinite(r["raw_loss"]) for r in train)
     if sg.peak_flops("cuda"):
         assert all(r["mfu"] is not None and r["mfu"] > 0 for r in train)
-    ckpt = sg.load_checkpoint(os.path.join(out, "final.pt"), "cuda")
+    ckpt = sg.load_checkpoint(os.path.join(out, "final.pt"))
     assert ckpt["model"]["wte.weight"].dtype == torch.bfloat16

@@ -1,0 +1,56 @@
+"""
+Training-step throughput of stack_gpt.py against nanochat's model and optimizer at the same tiny
+config, on the CPU in fp32 (median of 30 steps after 5 warm-up steps):
+
+    python experiments/bench_step.py ours
+    python experiments/bench_step.py nanochat --nanochat PATH   # a nanochat checkout (we used commit 4585551)
+
+Run the two alternately a few times: they differ by less than the noise between runs.
+nanochat imports filelock (pip install filelock).
+"""
+
+import argparse
+import os
+import sys
+import time
+import types
+
+import torch
+
+p = argparse.ArgumentParser()
+p.add_argument("which", choices=["ours", "nanochat"])
+p.add_argument("--nanochat", help="path of a nanochat checkout")
+args = p.parse_args()
+sys.path.insert(0, args.nanochat or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.manual_seed(0)
+L, H, D, V, T, B = 4, 4, 128, 4096, 256, 16  # d4 at width 128, vocab 4096, 16 x 256 tokens a step
+if args.which == "nanochat":
+    from nanochat.gpt import GPT, GPTConfig
+    model = GPT(GPTConfig(sequence_len=T, vocab_size=V, n_layer=L, n_head=H, n_kv_head=H, n_embd=D, window_pattern="L"))
+    model.init_weights()
+    optimizer = model.setup_optimizer(unembedding_lr=0.004, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.2, scalar_lr=0.5)
+else:
+    import stack_gpt as sg
+    model = sg.build_model(sg.GPTConfig(n_layer=L, n_head=H, n_embd=D, vocab_size=V, sequence_len=T, ve_layers=sg.default_ve_layers(L)), "cpu")
+    lrs = types.SimpleNamespace(matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5)
+    optimizer = sg.build_optimizer(model, lrs, 2**19, 0.2)
+for group in optimizer.param_groups:
+    if group["kind"] == "muon":
+        group["momentum"] = 0.95
+x, y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
+
+
+def step():
+    model(x, y).backward()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+
+
+times = []
+for i in range(35):
+    t0 = time.perf_counter()
+    step()
+    if i >= 5:
+        times.append(time.perf_counter() - t0)
+median = sorted(times)[len(times) // 2]
+print(f"{args.which}: median step {median * 1000:.1f} ms, {B * T / median:,.0f} tok/s")
