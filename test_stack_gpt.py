@@ -771,6 +771,11 @@ def test_default_stacked_run_spends_the_baseline_budget():
     assert baseline.weight_decay == pytest.approx(0.2) and shallow.weight_decay > 0.2  # wd grows as the model shrinks
 
 
+def test_a_shallow_phase_of_zero_steps_is_refused():
+    with pytest.raises(sg.UsageError, match="0 shallow steps"):
+        plan_args(["--depth", "2", "--stack-to", "4", "--shallow-ratio", "0.0001"])
+
+
 def test_explicit_horizons_override_the_budget():
     _, (shallow, deep) = plan_args(["--depth", "2", "--stack-to", "4", "--shallow-steps", "7", "--deep-steps", "9",
                                     "--total-batch-size", "4096", "--device-batch-size", "2", "--seq-len", "2048"])
@@ -1124,7 +1129,6 @@ def test_bad_input_exits_2_without_traceback(tmp_path):
     (["--eval-tokens", "100", "--seq-len", "256"], "at least --seq-len 256"),
     (["--head-dim", "33"], "must be even"),
     (["--depth", "1", "--aspect-ratio", "16"], "narrower than the 32 channels"),
-    (["--depth", "2", "--stack-to", "4", "--shallow-ratio", "0.0001"], "0 shallow steps"),
 ])
 def test_bad_flags(capsys, tmp_path, argv, fragment):
     expect_usage_error(capsys, argv + ["--out-dir", str(tmp_path / "run")], fragment)
