@@ -48,13 +48,13 @@ def main():
     sh(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_stack_gpt.py", "-k", "cuda")
     device = ["--device", "cuda" if CUDA else "cpu"]
     common = [sys.executable, "stack_gpt.py", "--data", DATA, "--eval-every", "0", "--sample-tokens", "0", "--overwrite"] + device
-    size = [] if CUDA else ["--aspect-ratio", "16", "--head-dim", "32", "--seq-len", "128", "--total-batch-size", "4096", "--device-batch-size", "8"]
+    size = ["--eval-tokens", "524288"] if CUDA else ["--aspect-ratio", "8", "--head-dim", "32", "--seq-len", "64", "--total-batch-size", "1024",
+                                                    "--device-batch-size", "8", "--eval-tokens", "1024"]
     steps = "60" if CUDA else "14"
-    sh(*common, *size, "--depth", "12", "--deep-steps", steps, "--eval-tokens", "524288", "--out-dir", f"{OUT}/d12")
-    sh(*common, *size, "--depth", "6", "--stack-to", "12", "--shallow-steps", steps, "--deep-steps", "2", "--eval-tokens", "524288",
-       "--out-dir", f"{OUT}/d6s12")
+    sh(*common, *size, "--depth", "12", "--deep-steps", steps, "--out-dir", f"{OUT}/d12")
+    sh(*common, *size, "--depth", "6", "--stack-to", "12", "--shallow-steps", steps, "--deep-steps", "2", "--out-dir", f"{OUT}/d6s12")
     tiny = ["--depth", "2", "--stack-to", "4", "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "256", "--device-batch-size", "8",
-            "--total-batch-size", "8192", "--shallow-steps", "20", "--deep-steps", "20", "--eval-tokens", "65536", "--compile"]
+            "--total-batch-size", "8192", "--shallow-steps", "20", "--deep-steps", "20", "--eval-tokens", "65536" if CUDA else "2048", "--compile"]
     sh(*common, *tiny, "--out-dir", f"{OUT}/tiny")
     sh(*common, *tiny, "--init-from", f"{OUT}/tiny/shallow.pt", "--out-dir", f"{OUT}/tiny-init")
     same = [r["raw_loss"] for r in metrics("tiny") if r["kind"] == "train" and r["phase"] == "deep"] == \
