@@ -133,9 +133,10 @@ def report():
         sys.exit("no finished baseline yet: python experiments/sweeps.py run fixed-flops")
     table, base_bpb = seed_table("fixed-flops", [f"r{r}" for r in SHALLOW_RATIOS], baseline_records)
     out += ["## Fixed-FLOPs sweep (d2s4 -> d4 against d4 at ratio 10.5)", "",
-            f"Baseline d4: final val bpb {mean_std(base_bpb)} over {len(base_bpb)} seeds.", "", table, ""]
+            f"Baseline d4: final val bpb {mean_std(base_bpb)} over {len(base_bpb)} seed{'s' * (len(base_bpb) > 1)}.", "", table, ""]
     table, _ = seed_table("recipes", ["g4", "interleave", "identity", "random", "carry", "global"], baseline_records)
-    out += [f"## Recipes at shallow ratio {BEST_SHALLOW_RATIO}", "", table, ""]
+    if table.count("\n") > 1:  # a header and at least one row
+        out += [f"## Recipes at shallow ratio {BEST_SHALLOW_RATIO}", "", table, ""]
     for sweep, title in (("warmdown", "Deep-phase warmdown sweep (one shallow model)"), ("miniseries", "Miniseries (both phases at ratio 10.5)")):
         done = [name for name, _ in sweeps()[sweep] if finished(sweep, name)]
         if done:
