@@ -122,6 +122,27 @@ def seed_table(sweep, arms, baseline_of):
     return "\n".join(lines), base_bpb
 
 
+def bpb_at(records, flops):
+    """Val bpb of the last evaluation at or before `flops`."""
+    evals = [r for r in records if r["kind"] == "eval" and r["flops"] <= flops * (1 + 1e-9)]
+    return evals[-1]["val_bpb"]
+
+
+def trajectory_table(seed):
+    """Val bpb of each fixed-FLOPs arm against the baseline at a quarter, half, three quarters and all of the budget."""
+    base = baseline_records(seed)
+    budget = base[-1]["flops"]
+    fractions = (0.25, 0.5, 0.75, 1.0)
+    lines = [f"Val bpb on the way, seed {seed} (last evaluation at or before each share of the budget):", "",
+             "| run | " + " | ".join(f"{f:.0%} of FLOPs" for f in fractions) + " |", "|---|" + "---|" * len(fractions),
+             "| baseline | " + " | ".join(f"{bpb_at(base, f * budget):.4f}" for f in fractions) + " |"]
+    for r in SHALLOW_RATIOS:
+        if finished("fixed-flops", f"r{r}-s{seed}"):
+            run = records("fixed-flops", f"r{r}-s{seed}")
+            lines.append(f"| r{r} | " + " | ".join(f"{bpb_at(run, f * budget):.4f}" for f in fractions) + " |")
+    return lines
+
+
 def baseline_records(seed):
     return records("fixed-flops", f"baseline-s{seed}") if finished("fixed-flops", f"baseline-s{seed}") else None
 
@@ -134,6 +155,7 @@ def report():
     table, base_bpb = seed_table("fixed-flops", [f"r{r}" for r in SHALLOW_RATIOS], baseline_records)
     out += ["## Fixed-FLOPs sweep (d2s4 -> d4 against d4 at ratio 10.5)", "",
             f"Baseline d4: final val bpb {mean_std(base_bpb)} over {len(base_bpb)} seed{'s' * (len(base_bpb) > 1)}.", "", table, ""]
+    out += trajectory_table(base_runs[0]) + [""]
     table, _ = seed_table("recipes", ["g4", "interleave", "identity", "random", "carry", "global"], baseline_records)
     if table.count("\n") > 1:  # a header and at least one row
         out += [f"## Recipes at shallow ratio {BEST_SHALLOW_RATIO}", "", table, ""]
