@@ -85,7 +85,7 @@ def get_parser():
     r = p.add_argument_group("run")
     r.add_argument("--data", default=prepare_data.DEFAULT_DATA_DIR, help="dataset folder written by prepare_data.py")
     r.add_argument("--out-dir", default=None, help="run folder for config, metrics and checkpoints (default: runs/<d6s12 or d12>)")
-    r.add_argument("--overwrite", action="store_true", help="allow writing into a run folder that holds a finished run")
+    r.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds another run, finished or not (its checkpoints are deleted)")
     r.add_argument("--save-every", type=int, default=0, help="also write checkpoint.pt every N steps of either phase, for --resume (0 = never)")
     r.add_argument("--resume", action="store_true", help="continue the interrupted run in --out-dir from its latest checkpoint, with the flags it was started with")
     r.add_argument("--init-from", default=None, help="shallow checkpoint to start from: skips phase 1 (one shallow model can serve many deep runs)")
@@ -120,7 +120,7 @@ def resolve_args(argv=None):
         raise UsageError("--init-from starts the deep phase from a shallow checkpoint: give --stack-to too")
     args.stacked = args.stack_to is not None
     args.final_depth = args.stack_to if args.stacked else args.depth
-    if args.final_depth * args.aspect_ratio < 32:
+    if model_width(args.final_depth, args) < 32:
         raise UsageError("the model is narrower than the 32 channels the value-embedding gate reads: raise --aspect-ratio")
     if args.warmdown_ratio is None:  # the write-up's best deep-phase value after stacking, else nanochat's default
         args.warmdown_ratio = 1.0 if args.stacked and args.schedule == "phases" else 0.5
@@ -224,9 +224,14 @@ def default_ve_layers(n_layer):
     return tuple(i for i in range(n_layer) if i % 2 == (n_layer - 1) % 2)
 
 
+def model_width(final_depth, args):
+    """nanochat's sizing: depth * aspect ratio, rounded up to a whole number of heads."""
+    return math.ceil(final_depth * args.aspect_ratio / args.head_dim) * args.head_dim
+
+
 def model_config(depth, final_depth, args, vocab_size):
     """A depth-layer model at the width and head count of a final_depth model (so a d6s12 is as wide as a d12)."""
-    width = math.ceil(final_depth * args.aspect_ratio / args.head_dim) * args.head_dim
+    width = model_width(final_depth, args)
     return GPTConfig(n_layer=depth, n_head=width // args.head_dim, n_embd=width, vocab_size=vocab_size,
                      sequence_len=args.seq_len, ve_layers=default_ve_layers(depth))
 
