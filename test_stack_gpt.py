@@ -1128,10 +1128,11 @@ def test_bad_input_exits_2_without_traceback(tmp_path):
     (["--init-from", "x.pt"], "give --stack-to too"),
     (["--eval-tokens", "100", "--seq-len", "256"], "at least --seq-len 256"),
     (["--head-dim", "33"], "must be even"),
-    (["--depth", "1", "--aspect-ratio", "16"], "narrower than the 32 channels"),
+    (["--depth", "1", "--aspect-ratio", "16", "--head-dim", "8"], "narrower than the 32 channels"),
 ])
 def test_bad_flags(capsys, tmp_path, argv, fragment):
-    expect_usage_error(capsys, argv + ["--out-dir", str(tmp_path / "run")], fragment)
+    # no dataset: should a check ever let these through, the run stops at the data instead of training
+    expect_usage_error(capsys, argv + ["--out-dir", str(tmp_path / "run"), "--data", str(tmp_path / "no-data")], fragment)
     assert not os.path.exists(tmp_path / "run")
 
 
