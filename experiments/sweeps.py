@@ -4,12 +4,15 @@ their metrics files into the tables and plots. Run from the repository root:
 
     python experiments/sweeps.py list                     # every run, its command, and whether it finished
     python experiments/sweeps.py run fixed-flops recipes  # run the unfinished runs of these sweeps, one by one
+    python experiments/sweeps.py run fixed-flops --seed 1 # only the runs of seed 1 (two such streams fill 2 cores
+                                                          # a little better than one run on both: OMP_NUM_THREADS=1 each)
     python experiments/sweeps.py report                   # every table (markdown) and the plots, from experiments/runs/
 
 A run is finished when its folder holds a summary record; an interrupted run starts over.
 Checkpoints (*.pt) stay out of git; metrics.jsonl and config.json are kept.
 """
 
+import argparse
 import math
 import os
 import statistics
@@ -62,11 +65,16 @@ def finished(sweep, name):
     return os.path.exists(path) and '"kind": "summary"' in open(path).read()
 
 
-def run(names):
+def selected(sweep, seeds):
+    """The runs of a sweep, or only those of the given seeds (runs without a seed belong to none)."""
+    return [(name, flags) for name, flags in sweeps()[sweep] if not seeds or any(name.endswith(f"-s{s}") for s in seeds)]
+
+
+def run(names, seeds):
     if not os.path.exists(f"{DATA}/meta.json"):
         subprocess.run(PREPARE.split(), check=True)
     for sweep in names:
-        for name, flags in sweeps()[sweep]:
+        for name, flags in selected(sweep, seeds):
             if not finished(sweep, name):
                 print(" ".join(command(sweep, name, flags)), flush=True)
                 subprocess.run(command(sweep, name, flags) + ["--overwrite"], check=True)
@@ -203,17 +211,21 @@ def plots(base_runs):
 
 
 def main():
-    verb, names = (sys.argv[1] if len(sys.argv) > 1 else "list"), sys.argv[2:]
-    unknown = [n for n in names if n not in sweeps()]
-    if verb not in ("list", "run", "report") or unknown:
-        sys.exit(f"usage: python experiments/sweeps.py list|run|report [{'|'.join(sweeps())} ...]")
-    if verb == "run":
-        run(names or list(sweeps()))
-    elif verb == "report":
+    parser = argparse.ArgumentParser(description="run the sweeps behind experiments.md, or report on them")
+    parser.add_argument("verb", nargs="?", default="list", choices=["list", "run", "report"])
+    parser.add_argument("sweeps", nargs="*", help=f"which sweeps, of {', '.join(sweeps())} (default: all)")
+    parser.add_argument("--seed", type=int, action="append", default=[], help="only the runs of this seed (repeatable)")
+    args = parser.parse_args()
+    if set(args.sweeps) - set(sweeps()):
+        parser.error(f"unknown sweep {sorted(set(args.sweeps) - set(sweeps()))}: choose from {', '.join(sweeps())}")
+    names = args.sweeps or list(sweeps())
+    if args.verb == "run":
+        run(names, args.seed)
+    elif args.verb == "report":
         report()
     else:
-        for sweep, runs in sweeps().items():
-            for name, flags in runs:
+        for sweep in names:
+            for name, flags in selected(sweep, args.seed):
                 print(f"{'done' if finished(sweep, name) else 'todo'}  {' '.join(command(sweep, name, flags))}")
 
 
