@@ -34,10 +34,15 @@ import prepare_data
 from prepare_data import DataError
 
 CHECKPOINT_FORMAT = "stack-gpt-1"
+REFERENCE_DEPTH, REFERENCE_BATCH = 12, 2**19  # nanochat's d12 and its tokens per step: the LR, batch and wd rules scale from here
 
 
 class UsageError(Exception):
     """A mistake in the flags or files the user gave us: reported in one line, exit code 2."""
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite: reported in one line, exit code 1, the last checkpoint kept."""
 
 
 # -----------------------------------------------------------------------------
@@ -73,7 +78,7 @@ def get_parser():
     o.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of warmdown")
     e = p.add_argument_group("evaluation and logging")
     e.add_argument("--eval-every", type=int, default=250, help="evaluate val bpb every N steps (and at the end of each phase); 0 = only at the end")
-    e.add_argument("--eval-tokens", type=int, default=40 * 2**19, help="number of val tokens per evaluation (the same ones every time)")
+    e.add_argument("--eval-tokens", type=int, default=40 * REFERENCE_BATCH, help="number of val tokens per evaluation (the same ones every time; nanochat's size)")
     e.add_argument("--sample-tokens", type=int, default=48, help="tokens to sample at the end of each phase (0 = no sample)")
     e.add_argument("--log-every", type=int, default=1, help="print and record the train loss every N steps")
     g = p.add_argument_group("growth (see the README for what each choice tests)")
@@ -87,7 +92,7 @@ def get_parser():
     r.add_argument("--out-dir", default=None, help="run folder for config, metrics and checkpoints (default: runs/<d6s12 or d12>)")
     r.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds another run, finished or not (its checkpoints are deleted)")
     r.add_argument("--save-every", type=int, default=0, help="also write checkpoint.pt every N steps of either phase, for --resume (0 = never)")
-    r.add_argument("--resume", action="store_true", help="continue the interrupted run in --out-dir from its latest checkpoint, with the flags it was started with")
+    r.add_argument("--resume", action="store_true", help="continue the interrupted run in --out-dir from its latest checkpoint, with the flags it was started with (--device and --compile: this command's)")
     r.add_argument("--init-from", default=None, help="shallow checkpoint to start from: skips phase 1 (one shallow model can serve many deep runs)")
     r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on for CUDA, off for CPU)")
@@ -114,6 +119,8 @@ def resolve_args(argv=None):
         value = getattr(args, name)
         if value is not None and value < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (got {value})")
+    if args.warmup_ratio > 1:
+        raise UsageError(f"--warmup-ratio {args.warmup_ratio} is longer than the phase: give a fraction of it, at most 1")
     if args.stack_to is not None and (args.stack_to <= args.depth or args.stack_to % args.depth):
         raise UsageError(f"--stack-to {args.stack_to} must be a larger multiple of --depth {args.depth} (e.g. --depth 6 --stack-to 12)")
     if args.init_from and args.stack_to is None:
@@ -366,7 +373,7 @@ class GPT(nn.Module):
         logits = self.SOFTCAP * torch.tanh(logits / self.SOFTCAP)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
         return loss if reduction == "mean" else loss.view_as(targets)
 
     def param_counts(self):
@@ -521,7 +528,7 @@ def build_optimizer(model, args, batch_size, weight_decay):
     sqrt(B / 2^19) (bigger batches take bigger steps); embedding and head LRs also with
     1/sqrt(width/768), because their updates add up over the width.
     """
-    batch_scale = (batch_size / 2**19) ** 0.5
+    batch_scale = (batch_size / REFERENCE_BATCH) ** 0.5
     width_scale = (model.config.n_embd / 768) ** -0.5
     tables = [e.weight for e in model.embeddings()]
     matrices = [p for b in model.blocks for p in b.parameters() if p.ndim == 2 and all(p is not t for t in tables)]
@@ -548,14 +555,14 @@ def build_optimizer(model, args, batch_size, weight_decay):
 
 def lr_multiplier(step, steps, warmup_ratio, warmdown_ratio, final_lr_frac):
     """Linear warmup, then 1.0, then a linear decay over the last warmdown_ratio * steps to final_lr_frac.
+    Where the two ramps overlap (e.g. warmup with the deep phase's warmdown 1.0), the lower one wins.
     (The global schedule passes the whole run's position and length, counted in steps of the current phase.)"""
     warmup, warmdown = round(warmup_ratio * steps), round(warmdown_ratio * steps)
-    if step < warmup:
-        return (step + 1) / warmup
+    rising = (step + 1) / warmup if step < warmup else 1.0
     if step <= steps - warmdown:
-        return 1.0
+        return rising
     progress = (steps - step) / warmdown  # 1 -> 0 over the warmdown (a ratio > 1 starts part-way down)
-    return progress + (1 - progress) * final_lr_frac
+    return min(rising, progress + (1 - progress) * final_lr_frac)
 
 
 def muon_momentum(step):
@@ -578,10 +585,9 @@ def schedule_at(phase, step, args, ctx):
     if args.schedule == "phases":
         return (lr_multiplier(step, phase.steps, args.warmup_ratio, phase.warmdown_ratio, args.final_lr_frac),
                 muon_momentum(step), weight_decay_at(step, phase.steps, phase.weight_decay))
-    step_flops = phase.flops_per_token * phase.batch_size
-    done = ctx["flops_before"] + step_flops * step
+    done = ctx["flops_before"] + phase.step_flops * step
     # position and length in steps of this phase (fractional), so that warmup's "+1" is one step
-    return (lr_multiplier(done / step_flops, ctx["total_flops"] / step_flops, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac),
+    return (lr_multiplier(done / phase.step_flops, ctx["total_flops"] / phase.step_flops, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac),
             muon_momentum(ctx["steps_before"] + step), weight_decay_at(done, ctx["total_flops"], phase.weight_decay))
 
 
@@ -731,8 +737,12 @@ class Phase:
     warmdown_ratio: float
 
     @property
+    def step_flops(self):
+        return self.flops_per_token * self.batch_size
+
+    @property
     def flops(self):
-        return self.flops_per_token * self.batch_size * self.steps
+        return self.step_flops * self.steps
 
 
 def measure(config):
@@ -749,8 +759,8 @@ def batch_and_weight_decay(scaling_params, ref_params, args):
       weight decay  wd = wd_ref * sqrt(B / 2^19) * D_ref / D (keeps B / (lr * wd * D) constant)
     nanochat takes D_ref at the same ratio as D, so the ratio cancels: only the size relative to d12 counts.
     """
-    batch = args.total_batch_size or 2 ** round(math.log2(2**19 * (scaling_params / ref_params) ** 0.383))
-    return batch, args.weight_decay * (batch / 2**19) ** 0.5 * ref_params / scaling_params
+    batch = args.total_batch_size or 2 ** round(math.log2(REFERENCE_BATCH * (scaling_params / ref_params) ** 0.383))
+    return batch, args.weight_decay * (batch / REFERENCE_BATCH) ** 0.5 * ref_params / scaling_params
 
 
 def plan_phases(args, vocab_size, shallow_flops=None, world=1):
@@ -760,7 +770,10 @@ def plan_phases(args, vocab_size, shallow_flops=None, world=1):
     told otherwise, gives the deep phase exactly what is left, so both runs cost the same.
     shallow_flops: FLOPs already spent by a shallow checkpoint (--init-from), which then is not planned.
     """
-    ref_params, _ = measure(model_config(12, 12, args, vocab_size))
+    ref_params, _ = measure(model_config(REFERENCE_DEPTH, REFERENCE_DEPTH, args, vocab_size))
+    baseline_params, baseline_fpt = measure(model_config(args.final_depth, args.final_depth, args, vocab_size))
+    batch, wd = batch_and_weight_decay(baseline_params, ref_params, args)
+    budget = args.target_flops or baseline_fpt * batch * (int(args.ratio * baseline_params) // batch)
     final_config = model_config(args.final_depth, args.final_depth, args, vocab_size)
     phases = []
     if args.stacked:
@@ -768,23 +781,27 @@ def plan_phases(args, vocab_size, shallow_flops=None, world=1):
         final_config = stacked_config(shallow_config, growth_layer_map(args.depth, args.stack_to // args.depth, args.grow))
         if shallow_flops is None:
             params, fpt = measure(shallow_config)
-            batch, wd = batch_and_weight_decay(params, ref_params, args)
-            steps = args.shallow_steps or int(args.shallow_ratio * params) // batch
+            shallow_batch, shallow_wd = batch_and_weight_decay(params, ref_params, args)
+            steps = args.shallow_steps or int(args.shallow_ratio * params) // shallow_batch
             if steps == 0:
-                raise UsageError(f"--shallow-ratio {args.shallow_ratio} gives 0 shallow steps of {batch} tokens: raise it")
-            phases.append(Phase("shallow", shallow_config, steps, batch, fpt, wd, args.shallow_warmdown_ratio))
+                raise UsageError(f"--shallow-ratio {args.shallow_ratio} gives 0 shallow steps of {shallow_batch} tokens: raise it")
+            phases.append(Phase("shallow", shallow_config, steps, shallow_batch, fpt, shallow_wd, args.shallow_warmdown_ratio))
             shallow_flops = phases[0].flops
-    params, fpt = measure(final_config)
-    batch, wd = batch_and_weight_decay(params, ref_params, args)
-    budget = args.target_flops or fpt * batch * (int(args.ratio * params) // batch)
+    # The deep model has the baseline's shape (with an odd shallow depth, more value-embedding tables and
+    # their small gates), so it takes the baseline's batch and weight decay and fills the rest of its budget.
+    _, fpt = measure(final_config)
     if args.deep_steps:
         steps = args.deep_steps
     elif args.deep_ratio:
-        steps = int(args.deep_ratio * params) // batch
+        steps = int(args.deep_ratio * baseline_params) // batch
+        if steps == 0:
+            raise UsageError(f"--deep-ratio {args.deep_ratio} gives 0 steps of {batch} tokens: raise it")
     else:
-        steps = round((budget - (shallow_flops or 0)) / (fpt * batch))
-    if steps <= 0:
-        raise UsageError(f"the shallow phase uses the whole FLOPs budget ({budget:.3g}): lower --shallow-ratio or raise --ratio")
+        steps = round((budget - (shallow_flops or 0)) / (fpt * batch))  # the nearest whole step to an equal budget
+        if steps <= 0 and shallow_flops:
+            raise UsageError(f"the shallow phase uses the whole FLOPs budget ({budget:.3g}): lower --shallow-ratio or raise --ratio")
+        if steps <= 0:
+            raise UsageError(f"the FLOPs budget ({budget:.3g}) is less than one step of {batch} tokens: raise --ratio or --target-flops")
     phases.append(Phase("deep" if args.stacked else "baseline", final_config, steps, batch, fpt, wd, args.warmdown_ratio))
     for phase in phases:
         rows = args.device_batch_size * args.seq_len * world
@@ -814,7 +831,7 @@ def save_checkpoint(path, model, optimizer, args, phase, step, ctx):
         "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "model_config": asdict(model.config), "args": vars(args), "phase": phase.name, "step": step,
         "batch_size": phase.batch_size, "weight_decay": phase.weight_decay,
-        "flops": ctx["flops_before"] + phase.flops_per_token * phase.batch_size * step,
+        "flops": ctx["flops_before"] + phase.step_flops * step,
         "phase_flops_before": ctx["flops_before"], "phase_steps_before": ctx["steps_before"],
         "smooth_loss": float(ctx["smooth_loss"]), "val_bpb": dict(ctx["val_bpb"]), "metrics_lines": ctx["log"].lines,
         "loader": ctx["loader"].state_dict(), "rng": torch.get_rng_state(),
@@ -868,7 +885,8 @@ def resume_point(args):
     if not found:
         raise UsageError(f"nothing to resume in {args.out_dir}: no checkpoint.pt or shallow.pt (start runs with --save-every N)")
     ckpt = max(found, key=lambda c: (c["phase"] != "shallow", c["step"]))  # a later phase, then a later step
-    saved = argparse.Namespace(**{**ckpt["args"], "resume": True, "device": args.device, "out_dir": args.out_dir})
+    # the machine's settings come from this command, everything else from the run's own flags
+    saved = argparse.Namespace(**{**ckpt["args"], "resume": True, "device": args.device, "compile": args.compile, "out_dir": args.out_dir})
     return ckpt, saved
 
 
@@ -879,6 +897,8 @@ def check_run_dir(args):
     """Refuse to mix a new run into a folder holding another one, finished or not, without --overwrite."""
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UsageError(f"--out-dir {args.out_dir} is a file: choose a folder")
+    if args.init_from and os.path.realpath(os.path.dirname(os.path.abspath(args.init_from))) == os.path.realpath(args.out_dir):
+        raise UsageError(f"--init-from {args.init_from} lies in --out-dir {args.out_dir}, which this run clears: give another --out-dir")
     if args.resume or args.overwrite:
         return
     if os.path.exists(os.path.join(args.out_dir, "final.pt")):
@@ -982,20 +1002,18 @@ def check_replicas_agree(model, world):
 # -----------------------------------------------------------------------------
 # The training loop, one phase at a time
 
-class TrainingDiverged(Exception):
-    pass
+LOSS_EMA_DECAY = 0.9  # the logged train loss is smoothed over roughly the last 10 steps
 
 
 def train_phase(phase, model, optimizer, args, ctx, start_step=0):
     """Train `model` from start_step to phase.steps optimizer steps, evaluating on the way and at the end."""
     step_model = torch.compile(model, dynamic=False) if args.compile else model
     accum = phase.batch_size // (args.device_batch_size * args.seq_len * ctx["world"])  # micro-batches per step and rank
-    step_flops = phase.flops_per_token * phase.batch_size
     log, peak = ctx["log"], ctx["peak"]
     phase_start = last_log_time = time.time()
     last_log_step = start_step
     for step in range(start_step, phase.steps + 1):
-        flops = ctx["flops_before"] + step_flops * step
+        flops = ctx["flops_before"] + phase.step_flops * step
         if step == phase.steps or (args.eval_every and step % args.eval_every == 0):
             model.eval()
             bpb = evaluate_bpb(step_model, ctx["val"], ctx["token_bytes"], ctx["autocast"])
@@ -1023,10 +1041,10 @@ def train_phase(phase, model, optimizer, args, ctx, start_step=0):
         if ctx["world"] > 1:
             dist.all_reduce(loss_sum)
             loss_sum /= ctx["world"]
-        ctx["smooth_loss"].lerp_(loss_sum / accum, 0.1)  # smooth = 0.9 smooth + 0.1 loss
+        ctx["smooth_loss"].lerp_(loss_sum / accum, 1 - LOSS_EMA_DECAY)  # smooth = decay * smooth + (1 - decay) * loss
         if not (step + 1) % args.log_every or step + 1 == phase.steps:  # the host syncs only on logged steps
             loss, smoothed = torch.stack([loss_sum / accum, ctx["smooth_loss"]]).tolist()
-            smoothed /= 1 - 0.9 ** (step + 1)  # debias: the EMA started from zero
+            smoothed /= 1 - LOSS_EMA_DECAY ** (step + 1)  # debias: the EMA started from zero
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"{phase.name} phase: loss is {loss} at step {step + 1}; the last checkpoint is left as it was")
             now = time.time()
@@ -1040,7 +1058,7 @@ def train_phase(phase, model, optimizer, args, ctx, start_step=0):
                 f"tok/s {tok_per_s:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu is not None else "") +
                 f" | elapsed {elapsed / 60:.1f}m | eta {eta / 60:.1f}m",
                 kind="train", phase=phase.name, step=step + 1, loss=smoothed, raw_loss=loss, lrm=lrm, dt=dt,
-                tok_per_s=tok_per_s, mfu=mfu, flops=flops + step_flops, elapsed=elapsed)
+                tok_per_s=tok_per_s, mfu=mfu, flops=flops + phase.step_flops, elapsed=elapsed)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < phase.steps:
             save_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"), model, optimizer, args, phase, step + 1, ctx)
     check_replicas_agree(model, ctx["world"])
@@ -1192,15 +1210,23 @@ def read_metrics(path):
         path = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(path):
         raise UsageError(f"no metrics file at {path}: give a run folder or its metrics.jsonl")
+    needs = {"train": ("flops", "loss"), "eval": ("flops", "val_bpb")}  # what the acceleration report reads
     records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UsageError(f"{path} line {n} is not JSON (a run killed mid-write?): remove that line") from None
-    if not any(r.get("kind") == "eval" for r in records):
-        raise UsageError(f"{path} has no evaluations yet: give the metrics of a run that has evaluated")
+    try:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise UsageError(f"{path} line {n} is not JSON (a run killed mid-write?): remove that line") from None
+                if not isinstance(record, dict) or not all(k in record for k in needs.get(record.get("kind"), ())):
+                    raise UsageError(f"{path} line {n} is not a stack_gpt metrics record: give the metrics.jsonl of a run")
+                records.append(record)
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not a text file: give a run folder or its metrics.jsonl") from None
+    for kind in needs:
+        if not any(r.get("kind") == kind for r in records):
+            raise UsageError(f"{path} has no {kind} records yet: give the metrics of a run that has trained and evaluated")
     return records
 
 

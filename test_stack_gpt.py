@@ -615,6 +615,11 @@ def test_lr_multiplier_boundaries():
     assert lrm(100, 100, 0.0, 0.5, 0.1) == pytest.approx(0.1)
     # warmup
     assert [lrm(s, 100, 0.1, 0.5, 0.0) for s in (0, 9, 10)] == [pytest.approx(0.1), 1.0, 1.0]
+    # warmup inside a warmdown of 1.0: the lower ramp wins, so the LR rises to where the decay is, then follows it
+    overlapping = [lrm(s, 100, 0.2, 1.0, 0.0) for s in range(101)]
+    assert overlapping[:5] == [pytest.approx((s + 1) / 20) for s in range(5)]
+    assert max(overlapping) == pytest.approx(0.84)  # step 16: warmup would give 0.85, the decay gives 84/100
+    assert max(abs(a - b) for a, b in zip(overlapping, overlapping[1:])) <= 1 / 20 + 1e-12  # no jump
 
 
 def test_momentum_and_weight_decay_schedules():
@@ -774,6 +779,23 @@ def test_default_stacked_run_spends_the_baseline_budget():
 def test_a_shallow_phase_of_zero_steps_is_refused():
     with pytest.raises(sg.UsageError, match="0 shallow steps"):
         plan_args(["--depth", "2", "--stack-to", "4", "--shallow-ratio", "0.0001"])
+
+
+def test_an_odd_shallow_depth_keeps_the_baseline_batch_and_budget():
+    # d1 -> d4: the copies of d1's value-embedding layer give the deep model 4 tables where d4 has 2
+    _, (baseline,) = plan_args(["--depth", "4", "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "256"])
+    _, (shallow, deep) = plan_args(["--depth", "1", "--stack-to", "4", "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "256"])
+    assert len(deep.config.ve_layers) == 4 and len(baseline.config.ve_layers) == 2
+    assert (deep.batch_size, deep.weight_decay) == (baseline.batch_size, baseline.weight_decay)
+    assert shallow.flops + deep.flops == pytest.approx(baseline.flops, abs=deep.step_flops / 2)  # to the nearest step
+
+
+@pytest.mark.parametrize("argv,message", [(["--depth", "2", "--ratio", "1e-9"], "less than one step"),
+                                          (["--depth", "2", "--stack-to", "4", "--deep-ratio", "1e-9"], "--deep-ratio 1e-09 gives 0 steps"),
+                                          (["--depth", "2", "--stack-to", "4", "--ratio", "0.1"], "the shallow phase uses the whole")])
+def test_an_empty_deep_phase_names_its_cause(argv, message):
+    with pytest.raises(sg.UsageError, match=message):
+        plan_args(argv)
 
 
 def test_explicit_horizons_override_the_budget():
@@ -1018,6 +1040,8 @@ def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path, phase):
     out = str(tmp_path / "killed")
     kill_when(LONG + ["--data", tiny_data, "--out-dir", out], out, phase, 24)
     assert not os.path.exists(os.path.join(out, "final.pt"))
+    _, saved = sg.resume_point(sg.resolve_args(["--resume", "--out-dir", out, "--compile"]))
+    assert saved.compile and saved.shallow_steps == 40  # the machine's settings from this command, the rest from the run
     sg.main(["--resume", "--out-dir", out])  # the flags come from the checkpoint
     assert comparable(read_metrics(out)) == comparable(read_metrics(tmp_path / "whole"))
     whole, resumed = (torch.load(os.path.join(d, "final.pt"), weights_only=True) for d in (str(tmp_path / "whole"), out))
@@ -1128,6 +1152,7 @@ def test_bad_input_exits_2_without_traceback(tmp_path):
     (["--init-from", "x.pt"], "give --stack-to too"),
     (["--eval-tokens", "100", "--seq-len", "256"], "at least --seq-len 256"),
     (["--head-dim", "33"], "must be even"),
+    (["--warmup-ratio", "1.5"], "at most 1"),
     (["--depth", "1", "--aspect-ratio", "16", "--head-dim", "8"], "narrower than the 32 channels"),
 ])
 def test_bad_flags(capsys, tmp_path, argv, fragment):
@@ -1165,6 +1190,24 @@ def test_compare_names_a_broken_metrics_line(capsys, tiny_run, tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text(open(os.path.join(tiny_run, "metrics.jsonl")).read() + '{"kind": "tra')
     expect_usage_error(capsys, ["--compare", tiny_run, str(broken)], f"line {len(open(os.path.join(tiny_run, 'metrics.jsonl')).readlines()) + 1} is not JSON")
+
+
+def test_compare_refuses_what_is_not_a_metrics_file(capsys, tiny_run, tmp_path):
+    (tmp_path / "binary").write_bytes(b"\x80\xff" * 100)
+    expect_usage_error(capsys, ["--compare", tiny_run, str(tmp_path / "binary")], "is not a text file")
+    (tmp_path / "list.jsonl").write_text("[1, 2]\n")
+    expect_usage_error(capsys, ["--compare", tiny_run, str(tmp_path / "list.jsonl")], "line 1 is not a stack_gpt metrics record")
+    evals_only = [line for line in open(os.path.join(tiny_run, "metrics.jsonl")) if '"kind": "eval"' in line]
+    (tmp_path / "evals.jsonl").write_text("".join(evals_only))
+    expect_usage_error(capsys, ["--compare", str(tmp_path / "evals.jsonl"), tiny_run], "no train records")
+
+
+def test_init_from_inside_the_run_folder_is_refused(capsys, tiny_run, tiny_data):
+    shallow = os.path.join(tiny_run, "shallow.pt")
+    before = open(shallow, "rb").read()
+    argv = TINY + ["--data", tiny_data, "--out-dir", tiny_run, "--init-from", shallow, "--overwrite"]
+    expect_usage_error(capsys, argv, "lies in --out-dir")
+    assert open(shallow, "rb").read() == before
 
 
 def test_finished_run_is_not_overwritten(capsys, tiny_run, tiny_data):
