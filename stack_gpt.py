@@ -51,52 +51,52 @@ class TrainingDiverged(Exception):
 def get_parser():
     p = prepare_data.OneLineParser(description="Train a GPT, optionally grow it by layer stacking, and train the deep model.",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument_group("model")
-    a.add_argument("--depth", type=int, default=12, help="number of layers of the model trained first (the shallow model when --stack-to is set)")
-    a.add_argument("--stack-to", type=int, default=None, help="final depth after stacking; a multiple of --depth (omit for a plain baseline run)")
-    a.add_argument("--aspect-ratio", type=int, default=64, help="model width = final depth * aspect ratio, rounded up to a multiple of --head-dim")
-    a.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
-    a.add_argument("--seq-len", type=int, default=2048, help="context length in tokens")
-    h = p.add_argument_group("horizon")
-    h.add_argument("--ratio", type=float, default=10.5, help="data:param ratio of the baseline: the final-depth model trained at this ratio sets the FLOPs budget of the whole run")
-    h.add_argument("--target-flops", type=float, default=None, help="total FLOPs budget of the run (overrides --ratio)")
-    h.add_argument("--shallow-ratio", type=float, default=3.25, help="data:param ratio of the shallow phase")
-    h.add_argument("--shallow-steps", type=int, default=None, help="explicit number of shallow-phase steps (overrides --shallow-ratio)")
-    h.add_argument("--deep-ratio", type=float, default=None, help="data:param ratio of the deep phase (default: whatever fills the FLOPs budget)")
-    h.add_argument("--deep-steps", type=int, default=None, help="explicit number of steps of the deep (or only) phase")
-    o = p.add_argument_group("optimization")
-    o.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: nanochat's rule, 2^19 at d12, scaled by model size^0.383)")
-    o.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass; gradients are accumulated up to the total batch")
-    o.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate for the block matrices")
-    o.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW learning rate for token and value embeddings")
-    o.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW learning rate for the lm_head")
-    o.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW learning rate for x0_lambdas (resid_lambdas get 1%% of it)")
-    o.add_argument("--weight-decay", type=float, default=0.2, help="Muon cautious weight decay at d12 (scaled with batch and horizon)")
-    o.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of each phase (of the whole run with --schedule global) spent in linear LR warmup")
-    o.add_argument("--warmdown-ratio", type=float, default=None, help="fraction of the deep (or only) phase spent decaying the LR (default: 1.0 after stacking, 0.5 for a baseline or a global schedule)")
-    o.add_argument("--shallow-warmdown-ratio", type=float, default=0.0, help="warmdown ratio of the shallow phase")
-    o.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of warmdown")
-    e = p.add_argument_group("evaluation and logging")
-    e.add_argument("--eval-every", type=int, default=250, help="evaluate val bpb every N steps (and at the end of each phase); 0 = only at the end")
-    e.add_argument("--eval-tokens", type=int, default=40 * REFERENCE_BATCH, help="number of val tokens per evaluation (the same ones every time; nanochat's size)")
-    e.add_argument("--sample-tokens", type=int, default=48, help="tokens to sample at the end of each phase (0 = no sample)")
-    e.add_argument("--log-every", type=int, default=1, help="print and record the train loss every N steps")
-    g = p.add_argument_group("growth (see the README for what each choice tests)")
-    g.add_argument("--grow", choices=GROW_OPERATORS, default="stack", help="how the shallow layers become the deep ones")
-    g.add_argument("--grow-optim", choices=("reset", "carry"), default="reset", help="start the deep phase's optimizer fresh, or carry each parameter's state to its copies")
-    g.add_argument("--schedule", choices=("phases", "global"), default="phases", help="each phase its own LR schedule, or one schedule over the whole run's FLOPs")
-    g.add_argument("--baseline", default=None, help="metrics.jsonl (or run folder) of a baseline run: end with the acceleration report against it")
-    g.add_argument("--compare", nargs="+", metavar="METRICS", default=None, help="print the acceleration report of finished runs against the first one (a baseline) and exit")
-    r = p.add_argument_group("run")
-    r.add_argument("--data", default=prepare_data.DEFAULT_DATA_DIR, help="dataset folder written by prepare_data.py")
-    r.add_argument("--out-dir", default=None, help="run folder for config, metrics and checkpoints (default: runs/<d6s12 or d12>)")
-    r.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds another run, finished or not (its checkpoints are deleted)")
-    r.add_argument("--save-every", type=int, default=0, help="also write checkpoint.pt every N steps of either phase, for --resume (0 = never)")
-    r.add_argument("--resume", action="store_true", help="continue the interrupted run in --out-dir from its latest checkpoint, with the flags it was started with (--device and --compile: this command's)")
-    r.add_argument("--init-from", default=None, help="shallow checkpoint to start from: skips phase 1 (one shallow model can serve many deep runs)")
-    r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on for CUDA, off for CPU)")
-    r.add_argument("--seed", type=int, default=0, help="seed for the initialization and the data order")
+    model_flags = p.add_argument_group("model")
+    model_flags.add_argument("--depth", type=int, default=12, help="number of layers of the model trained first (the shallow model when --stack-to is set)")
+    model_flags.add_argument("--stack-to", type=int, default=None, help="final depth after stacking; a multiple of --depth (omit for a plain baseline run)")
+    model_flags.add_argument("--aspect-ratio", type=int, default=64, help="model width = final depth * aspect ratio, rounded up to a multiple of --head-dim")
+    model_flags.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
+    model_flags.add_argument("--seq-len", type=int, default=2048, help="context length in tokens")
+    horizon_flags = p.add_argument_group("horizon")
+    horizon_flags.add_argument("--ratio", type=float, default=10.5, help="data:param ratio of the baseline: the final-depth model trained at this ratio sets the FLOPs budget of the whole run")
+    horizon_flags.add_argument("--target-flops", type=float, default=None, help="total FLOPs budget of the run (overrides --ratio)")
+    horizon_flags.add_argument("--shallow-ratio", type=float, default=3.25, help="data:param ratio of the shallow phase")
+    horizon_flags.add_argument("--shallow-steps", type=int, default=None, help="explicit number of shallow-phase steps (overrides --shallow-ratio)")
+    horizon_flags.add_argument("--deep-ratio", type=float, default=None, help="data:param ratio of the deep phase (default: whatever fills the FLOPs budget)")
+    horizon_flags.add_argument("--deep-steps", type=int, default=None, help="explicit number of steps of the deep (or only) phase")
+    optim_flags = p.add_argument_group("optimization")
+    optim_flags.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: nanochat's rule, 2^19 at d12, scaled by model size^0.383)")
+    optim_flags.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass; gradients are accumulated up to the total batch")
+    optim_flags.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate for the block matrices")
+    optim_flags.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW learning rate for token and value embeddings")
+    optim_flags.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW learning rate for the lm_head")
+    optim_flags.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW learning rate for x0_lambdas (resid_lambdas get 1%% of it)")
+    optim_flags.add_argument("--weight-decay", type=float, default=0.2, help="Muon cautious weight decay at d12 (scaled with batch and horizon)")
+    optim_flags.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of each phase (of the whole run with --schedule global) spent in linear LR warmup")
+    optim_flags.add_argument("--warmdown-ratio", type=float, default=None, help="fraction of the deep (or only) phase spent decaying the LR (default: 1.0 after stacking, 0.5 for a baseline or a global schedule)")
+    optim_flags.add_argument("--shallow-warmdown-ratio", type=float, default=0.0, help="warmdown ratio of the shallow phase")
+    optim_flags.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of warmdown")
+    evaluation_flags = p.add_argument_group("evaluation and logging")
+    evaluation_flags.add_argument("--eval-every", type=int, default=250, help="evaluate val bpb every N steps (and at the end of each phase); 0 = only at the end")
+    evaluation_flags.add_argument("--eval-tokens", type=int, default=40 * REFERENCE_BATCH, help="number of val tokens per evaluation (the same ones every time; nanochat's size)")
+    evaluation_flags.add_argument("--sample-tokens", type=int, default=48, help="tokens to sample at the end of each phase (0 = no sample)")
+    evaluation_flags.add_argument("--log-every", type=int, default=1, help="print and record the train loss every N steps")
+    growth_flags = p.add_argument_group("growth (see the README for what each choice tests)")
+    growth_flags.add_argument("--grow", choices=GROW_OPERATORS, default="stack", help="how the shallow layers become the deep ones")
+    growth_flags.add_argument("--grow-optim", choices=("reset", "carry"), default="reset", help="start the deep phase's optimizer fresh, or carry each parameter's state to its copies")
+    growth_flags.add_argument("--schedule", choices=("phases", "global"), default="phases", help="each phase its own LR schedule, or one schedule over the whole run's FLOPs")
+    growth_flags.add_argument("--baseline", default=None, help="metrics.jsonl (or run folder) of a baseline run: end with the acceleration report against it")
+    growth_flags.add_argument("--compare", nargs="+", metavar="METRICS", default=None, help="print the acceleration report of finished runs against the first one (a baseline) and exit")
+    run_flags = p.add_argument_group("run")
+    run_flags.add_argument("--data", default=prepare_data.DEFAULT_DATA_DIR, help="dataset folder written by prepare_data.py")
+    run_flags.add_argument("--out-dir", default=None, help="run folder for config, metrics and checkpoints (default: runs/<d6s12 or d12>)")
+    run_flags.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds another run, finished or not (its checkpoints are deleted)")
+    run_flags.add_argument("--save-every", type=int, default=0, help="also write checkpoint.pt every N steps of either phase, for --resume (0 = never)")
+    run_flags.add_argument("--resume", action="store_true", help="continue the interrupted run in --out-dir from its latest checkpoint, with the flags it was started with (--device and --compile: this command's)")
+    run_flags.add_argument("--init-from", default=None, help="shallow checkpoint to start from: skips phase 1 (one shallow model can serve many deep runs)")
+    run_flags.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    run_flags.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on for CUDA, off for CPU)")
+    run_flags.add_argument("--seed", type=int, default=0, help="seed for the initialization and the data order")
     return p
 
 
@@ -169,7 +169,7 @@ class TokenWindows:
         self.order = self._order(self.epoch)
 
     def _order(self, epoch):
-        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)  # a prime apart: no two (seed, epoch) pairs share an order
         return torch.randperm(self.num_windows, generator=g).numpy()
 
     def window(self, i):
@@ -771,25 +771,25 @@ def plan_phases(args, vocab_size, shallow_flops=None, world=1):
     shallow_flops: FLOPs already spent by a shallow checkpoint (--init-from), which then is not planned.
     """
     ref_params, _ = measure(model_config(REFERENCE_DEPTH, REFERENCE_DEPTH, args, vocab_size))
-    baseline_params, baseline_fpt = measure(model_config(args.final_depth, args.final_depth, args, vocab_size))
+    final_config = model_config(args.final_depth, args.final_depth, args, vocab_size)  # the baseline's
+    baseline_params, baseline_flops_per_token = measure(final_config)
     batch, wd = batch_and_weight_decay(baseline_params, ref_params, args)
-    budget = args.target_flops or baseline_fpt * batch * (int(args.ratio * baseline_params) // batch)
-    final_config = model_config(args.final_depth, args.final_depth, args, vocab_size)
+    budget = args.target_flops or baseline_flops_per_token * batch * (int(args.ratio * baseline_params) // batch)
     phases = []
     if args.stacked:
         shallow_config = model_config(args.depth, args.final_depth, args, vocab_size)
         final_config = stacked_config(shallow_config, growth_layer_map(args.depth, args.stack_to // args.depth, args.grow))
         if shallow_flops is None:
-            params, fpt = measure(shallow_config)
+            params, flops_per_token = measure(shallow_config)
             shallow_batch, shallow_wd = batch_and_weight_decay(params, ref_params, args)
             steps = args.shallow_steps or int(args.shallow_ratio * params) // shallow_batch
             if steps == 0:
                 raise UsageError(f"--shallow-ratio {args.shallow_ratio} gives 0 shallow steps of {shallow_batch} tokens: raise it")
-            phases.append(Phase("shallow", shallow_config, steps, shallow_batch, fpt, shallow_wd, args.shallow_warmdown_ratio))
+            phases.append(Phase("shallow", shallow_config, steps, shallow_batch, flops_per_token, shallow_wd, args.shallow_warmdown_ratio))
             shallow_flops = phases[0].flops
     # The deep model has the baseline's shape (with an odd shallow depth, more value-embedding tables and
     # their small gates), so it takes the baseline's batch and weight decay and fills the rest of its budget.
-    _, fpt = measure(final_config)
+    _, flops_per_token = measure(final_config)
     if args.deep_steps:
         steps = args.deep_steps
     elif args.deep_ratio:
@@ -797,18 +797,18 @@ def plan_phases(args, vocab_size, shallow_flops=None, world=1):
         if steps == 0:
             raise UsageError(f"--deep-ratio {args.deep_ratio} gives 0 steps of {batch} tokens: raise it")
     else:
-        steps = round((budget - (shallow_flops or 0)) / (fpt * batch))  # the nearest whole step to an equal budget
+        steps = round((budget - (shallow_flops or 0)) / (flops_per_token * batch))  # the nearest whole step to an equal budget
         if steps <= 0 and shallow_flops:
             raise UsageError(f"the shallow phase uses the whole FLOPs budget ({budget:.3g}): lower --shallow-ratio or raise --ratio")
         if steps <= 0:
             raise UsageError(f"the FLOPs budget ({budget:.3g}) is less than one step of {batch} tokens: raise --ratio or --target-flops")
-    phases.append(Phase("deep" if args.stacked else "baseline", final_config, steps, batch, fpt, wd, args.warmdown_ratio))
+    phases.append(Phase("deep" if args.stacked else "baseline", final_config, steps, batch, flops_per_token, wd, args.warmdown_ratio))
     for phase in phases:
-        rows = args.device_batch_size * args.seq_len * world
-        if phase.batch_size % rows:
+        micro_step_tokens = args.device_batch_size * args.seq_len * world
+        if phase.batch_size % micro_step_tokens:
             raise UsageError(f"{phase.name} phase: total batch {phase.batch_size} tokens is not a multiple of --device-batch-size "
                              f"{args.device_batch_size} x --seq-len {args.seq_len}" + (f" x {world} processes" if world > 1 else "") +
-                             f" = {rows}: change --total-batch-size or --device-batch-size")
+                             f" = {micro_step_tokens}: change --total-batch-size or --device-batch-size")
     return phases
 
 
@@ -822,11 +822,13 @@ def save_checkpoint(path, model, optimizer, args, phase, step, ctx):
     prepare_data.write_atomic (a temp file, flushed to disk, renamed over the old one), so a crash or
     a full disk at any moment leaves the previous checkpoint whole.
     """
-    if ctx["rank"]:
-        return
-    if not math.isfinite(ctx["smooth_loss"]):  # a NaN since the last logged step must not become the checkpoint to resume
+    # a NaN since the last logged step must not become the checkpoint to resume; the smoothed loss is
+    # averaged over ranks, so every rank stops here together
+    if not math.isfinite(ctx["smooth_loss"]):
         raise TrainingDiverged(f"{phase.name} phase: the loss became {float(ctx['smooth_loss'])} by step {step}; "
                                "the last checkpoint is left as it was")
+    if ctx["rank"]:
+        return
     state = {
         "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "model_config": asdict(model.config), "args": vars(args), "phase": phase.name, "step": step,
@@ -1051,6 +1053,7 @@ def train_phase(phase, model, optimizer, args, ctx, start_step=0):
             dt = (now - last_log_time) / (step + 1 - last_log_step)  # mean over the steps since the last log line
             last_log_time, last_log_step = now, step + 1
             tok_per_s = phase.batch_size / dt
+            # model FLOPs utilization: the FLOP/s our FLOPs count says we do, over the peak of all GPUs together
             mfu = 100 * phase.flops_per_token * tok_per_s / (peak * ctx["world"]) if peak else None
             elapsed = now - phase_start
             eta = elapsed / (step + 1 - start_step) * (phase.steps - step - 1)
