@@ -50,7 +50,8 @@ def sweeps():
     warmdown = [("wd0.5", STACKED + ["--shallow-warmdown-ratio", "0.5", "--warmdown-ratio", "0.5"])]
     warmdown += [(f"wd{w}", STACKED + ["--init-from", shallow, "--warmdown-ratio", w]) for w in ("0.75", "1.0", "1.5", "2.0")]
     default_schedule = ["--shallow-warmdown-ratio", "0.5", "--warmdown-ratio", "0.5"]
-    mini = [(f"d{d}", ["--depth", str(d)]) for d in (2, 4)]
+    # the d4 baseline of the miniseries is the fixed-FLOPs sweep's baseline-s0 (the same command)
+    mini = [("d2", ["--depth", "2"])]
     mini += [(f"d{d // 2}s{d}", ["--depth", str(d // 2), "--stack-to", str(d), "--shallow-ratio", "10.5", "--deep-ratio", "10.5"] + default_schedule)
              for d in (2, 4)]
     return {"fixed-flops": fixed, "recipes": recipes, "warmdown": warmdown, "miniseries": mini}
@@ -167,12 +168,15 @@ def report():
     table, _ = seed_table("recipes", ["g4", "interleave", "identity", "random", "carry", "global"], baseline_records)
     if table.count("\n") > 1:  # a header and at least one row
         out += [f"## Recipes at shallow ratio {BEST_SHALLOW_RATIO}", "", table, ""]
-    for sweep, title in (("warmdown", "Deep-phase warmdown sweep (one shallow model)"), ("miniseries", "Miniseries (both phases at ratio 10.5)")):
-        done = [name for name, _ in sweeps()[sweep] if finished(sweep, name)]
-        if done:
-            out += [f"## {title}", "", "| run | val bpb | FLOPs |", "|---|---|---|"]
-            out += [f"| {n} | {records(sweep, n)[-1]['val_bpb'][list(records(sweep, n)[-1]['val_bpb'])[-1]]:.4f} | {records(sweep, n)[-1]['flops']:.3e} |" for n in done]
-            out.append("")
+    warmdown = [(name, records("warmdown", name)) for name, _ in sweeps()["warmdown"] if finished("warmdown", name)]
+    if warmdown and baseline_records(0):
+        out += ["## Deep-phase warmdown sweep (one shallow model at ratio 3.25, seed 0, against baseline-s0)", "",
+                sg.format_report([sg.acceleration(baseline_records(0), run, name) for name, run in warmdown]), ""]
+    pairs = [(f"d{d}", base, f"d{d // 2}s{d}") for d, base in ((2, ("miniseries", "d2")), (4, ("fixed-flops", "baseline-s0")))]
+    pairs = [(depth, base, stacked) for depth, base, stacked in pairs if finished(*base) and finished("miniseries", stacked)]
+    for depth, base, stacked in pairs:
+        out += [f"## Miniseries at target depth {depth[1:]} (both phases at ratio 10.5, seed 0)", "",
+                sg.format_report([sg.acceleration(records(*base), records("miniseries", stacked), stacked)]), ""]
     print("\n".join(out))
     plots(base_runs)
 
