@@ -103,18 +103,26 @@ def pct_mean_std(values):
     return f"{100 * statistics.mean(values):+.1f}%" + (f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else "")
 
 
-def significant(arm, base):
-    """Is the difference of means larger than twice its standard error (Welch)? Needs 2+ seeds each."""
-    if len(arm) < 2 or len(base) < 2:
-        return "n/a (1 seed)"
-    se = math.sqrt(statistics.variance(arm) / len(arm) + statistics.variance(base) / len(base))
-    diff = statistics.mean(arm) - statistics.mean(base)
-    return f"{'yes' if abs(diff) > 2 * se else 'no'} ({diff:+.4f}, 2se {2 * se:.4f})"
+# Student's t for a two-sided 95% interval, by degrees of freedom (past 10, the value at 10 is a safe bound)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired_difference(differences):
+    """
+    Mean of (arm - baseline of the same seed) with its 95% confidence interval. Pairing by seed removes
+    what the seed does to both (the same data order): the spread that remains is the arm's own.
+    """
+    if len(differences) < 2:
+        return f"{differences[0]:+.4f} (1 seed: no interval)"
+    mean = statistics.mean(differences)
+    half = T_975[min(len(differences) - 1, 10)] * statistics.stdev(differences) / math.sqrt(len(differences))
+    verdict = "worse" if mean - half > 0 else "better" if mean + half < 0 else "no significant difference"
+    return f"{mean:+.4f} ± {half:.4f}: {verdict}"
 
 
 def seed_table(sweep, arms, baseline_of):
     """One row per arm: mean ± std over its finished seeds, each seed compared with its own baseline seed."""
-    lines = ["| arm | seeds | final val bpb | total FLOPs | saving to baseline train loss | saving to baseline val bpb | bpb difference larger than seed noise? |",
+    lines = ["| arm | seeds | final val bpb | total FLOPs | saving to baseline train loss | saving to baseline val bpb | val bpb minus baseline's, same seed (95% CI) |",
              "|---|---|---|---|---|---|---|"]
     base_bpb = [r[-1]["val_bpb"]["baseline"] for r in (baseline_of(s) for s in SEEDS) if r]
     for arm in arms:
@@ -127,7 +135,8 @@ def seed_table(sweep, arms, baseline_of):
         bpb = [r["val_bpb"] for r in rows]
         lines.append(f"| {arm} | {len(rows)} | {mean_std(bpb)} | {statistics.mean(r['flops'] for r in rows):.3e} | "
                      f"{pct_mean_std([r['loss_saving'] if r['loss_fraction'] else None for r in rows])} | "
-                     f"{pct_mean_std([r['bpb_saving'] if r['bpb_fraction'] else None for r in rows])} | {significant(bpb, base_bpb)} |")
+                     f"{pct_mean_std([r['bpb_saving'] if r['bpb_fraction'] else None for r in rows])} | "
+                     f"{paired_difference([r['val_bpb'] - r['baseline_val_bpb'] for r in rows])} |")
     return "\n".join(lines), base_bpb
 
 
