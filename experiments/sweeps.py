@@ -146,18 +146,23 @@ def bpb_at(records, flops):
     return evals[-1]["val_bpb"]
 
 
-def trajectory_table(seed):
-    """Val bpb of each fixed-FLOPs arm against the baseline at a quarter, half, three quarters and all of the budget."""
-    base = baseline_records(seed)
-    budget = base[-1]["flops"]
+def trajectory_table(seeds):
+    """
+    The baseline's val bpb at a quarter, half, three quarters and all of its budget (mean over seeds), and
+    each fixed-FLOPs arm's difference from the baseline of its own seed at the same points (mean over seeds).
+    """
     fractions = (0.25, 0.5, 0.75, 1.0)
-    lines = [f"Val bpb on the way, seed {seed} (last evaluation at or before each share of the budget):", "",
+    at = lambda run, base: [bpb_at(run, f * base[-1]["flops"]) for f in fractions]
+    base_bpb = [at(baseline_records(s), baseline_records(s)) for s in seeds]
+    lines = [f"Val bpb on the way (last evaluation at or before each share of the budget; seeds {', '.join(map(str, seeds))}): "
+             "the baseline's, then each arm's minus the baseline's of the same seed (negative: the stacked run is ahead).", "",
              "| run | " + " | ".join(f"{f:.0%} of FLOPs" for f in fractions) + " |", "|---|" + "---|" * len(fractions),
-             "| baseline | " + " | ".join(f"{bpb_at(base, f * budget):.4f}" for f in fractions) + " |"]
+             "| baseline (val bpb) | " + " | ".join(f"{statistics.mean(v):.4f}" for v in zip(*base_bpb)) + " |"]
     for r in SHALLOW_RATIOS:
-        if finished("fixed-flops", f"r{r}-s{seed}"):
-            run = records("fixed-flops", f"r{r}-s{seed}")
-            lines.append(f"| r{r} | " + " | ".join(f"{bpb_at(run, f * budget):.4f}" for f in fractions) + " |")
+        done = [s for s in seeds if finished("fixed-flops", f"r{r}-s{s}")]
+        if done:
+            diffs = [[a - b for a, b in zip(at(records("fixed-flops", f"r{r}-s{s}"), baseline_records(s)), base_bpb[seeds.index(s)])] for s in done]
+            lines.append(f"| r{r} ({len(done)} seed{'s' * (len(done) > 1)}) | " + " | ".join(f"{statistics.mean(v):+.4f}" for v in zip(*diffs)) + " |")
     return lines
 
 
@@ -173,7 +178,7 @@ def report():
     table, base_bpb = seed_table("fixed-flops", [f"r{r}" for r in SHALLOW_RATIOS], baseline_records)
     out += ["## Fixed-FLOPs sweep (d2s4 -> d4 against d4 at ratio 10.5)", "",
             f"Baseline d4: final val bpb {mean_std(base_bpb)} over {len(base_bpb)} seed{'s' * (len(base_bpb) > 1)}.", "", table, ""]
-    out += trajectory_table(base_runs[0]) + [""]
+    out += trajectory_table(base_runs) + [""]
     table, _ = seed_table("recipes", ["g4", "interleave", "identity", "random", "carry", "global"], baseline_records)
     if table.count("\n") > 1:  # a header and at least one row
         out += [f"## Recipes at shallow ratio {BEST_SHALLOW_RATIO}", "", table, ""]
@@ -199,12 +204,13 @@ def plots(base_runs):
         print("(matplotlib is not installed: no plots)")
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for sweep, name, label in (("fixed-flops", f"baseline-s{base_runs[0]}", "baseline d4"),
-                               ("fixed-flops", f"r{BEST_SHALLOW_RATIO}-s{base_runs[0]}", f"d2s4 -> d4, shallow ratio {BEST_SHALLOW_RATIO}")):
-        if finished(sweep, name):
-            evals = [r for r in records(sweep, name) if r["kind"] == "eval"]
-            ax.plot([r["flops"] for r in evals], [r["val_bpb"] for r in evals], label=label)
-    ax.set(xlabel="cumulative training FLOPs", ylabel="val bpb", ylim=(None, 2.0), title="val bpb against compute (seed 0)")
+    for arm, label in (("baseline", "baseline d4"), (f"r{BEST_SHALLOW_RATIO}", f"d2s4 -> d4, shallow ratio {BEST_SHALLOW_RATIO}")):
+        runs = [records("fixed-flops", f"{arm}-s{s}") for s in base_runs if finished("fixed-flops", f"{arm}-s{s}")]
+        if runs:  # every seed of an arm evaluates at the same FLOPs, so the curves average point by point
+            evals = [[r for r in run if r["kind"] == "eval"] for run in runs]
+            ax.plot([r["flops"] for r in evals[0]], [statistics.mean(v) for v in zip(*([r["val_bpb"] for r in e] for e in evals))],
+                    label=f"{label} ({'mean of ' * (len(runs) > 1)}{len(runs)} seed{'s' * (len(runs) > 1)})")
+    ax.set(xlabel="cumulative training FLOPs", ylabel="val bpb", ylim=(None, 2.0), title="val bpb against compute")
     ax.legend()
     fig.savefig("experiments/bpb_vs_flops.png", dpi=120, bbox_inches="tight")
     fig, ax = plt.subplots(figsize=(7, 4.5))
