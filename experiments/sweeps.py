@@ -117,7 +117,8 @@ def paired_difference(differences):
     mean = statistics.mean(differences)
     half = T_975[min(len(differences) - 1, 10)] * statistics.stdev(differences) / math.sqrt(len(differences))
     verdict = "worse" if mean - half > 0 else "better" if mean + half < 0 else "no significant difference"
-    return f"{mean:+.4f} ± {half:.4f}: {verdict}"
+    worse = sum(d > 0 for d in differences)
+    return f"{mean:+.4f} ± {half:.4f}, worse in {worse}/{len(differences)} seeds: {verdict}"
 
 
 def seed_table(sweep, arms, baseline_of):
