@@ -31,7 +31,7 @@ FAMILY = ["--data", DATA, "--aspect-ratio", "32", "--head-dim", "32", "--seq-len
           "--total-batch-size", "4096", "--eval-every", "100", "--eval-tokens", "131072", "--sample-tokens", "0", "--log-every", "10"]
 SEEDS = (0, 1, 2)
 SHALLOW_RATIOS = (1.25, 2.25, 3.25, 4.25, 5.25)
-BEST_SHALLOW_RATIO = "3.25"  # the fixed-FLOPs sweep's best arm; the recipes sweep runs there
+BEST_SHALLOW_RATIO = "5.25"  # the fixed-FLOPs sweep's best arm (the top of its range); the recipes sweep runs there
 STACKED = ["--depth", "2", "--stack-to", "4"]
 
 
