@@ -169,7 +169,7 @@ class TokenWindows:
         self.order = self._order(self.epoch)
 
     def _order(self, epoch):
-        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)  # a prime apart: no two (seed, epoch) pairs share an order
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)  # one seed per (seed, epoch) pair, for any epoch below 100003
         return torch.randperm(self.num_windows, generator=g).numpy()
 
     def window(self, i):
