@@ -755,9 +755,9 @@ def test_carry_gives_every_copy_its_source_optimizer_state(grow):
 # -----------------------------------------------------------------------------
 # Planning: horizons and the FLOPs budget
 
-def plan_args(argv):
+def plan_args(argv, vocab_size=32768):
     args = sg.resolve_args(argv + ["--device", "cpu"])
-    return args, sg.plan_phases(args, 32768)
+    return args, sg.plan_phases(args, vocab_size)
 
 
 def test_default_stacked_run_spends_the_baseline_budget():
@@ -774,6 +774,16 @@ def test_default_stacked_run_spends_the_baseline_budget():
     assert shallow.flops_per_token / deep.flops_per_token == pytest.approx(0.585, abs=0.002)
     assert (shallow.warmdown_ratio, deep.warmdown_ratio, baseline.warmdown_ratio) == (0.0, 1.0, 0.5)
     assert baseline.weight_decay == pytest.approx(0.2) and shallow.weight_decay > 0.2  # wd grows as the model shrinks
+
+
+def test_gpt2_vocab_plan_matches_the_readme():
+    # README's numbers for data/fineweb-edu (GPT-2 tokens): the bigger lm_head lengthens every horizon
+    _, (baseline,) = plan_args(["--depth", "12"], vocab_size=50257)
+    _, (shallow, deep) = plan_args(["--depth", "6", "--stack-to", "12"], vocab_size=50257)
+    assert baseline.flops_per_token == pytest.approx(9.68e8, rel=1e-3)
+    assert baseline.flops == pytest.approx(1.26e18, rel=5e-3)
+    assert (baseline.steps, shallow.steps, deep.steps) == (2474, 502, 2163)
+    assert shallow.flops_per_token / deep.flops_per_token == pytest.approx(0.620, abs=5e-4)
 
 
 def test_a_shallow_phase_of_zero_steps_is_refused():
