@@ -815,20 +815,42 @@ def plan_phases(args, vocab_size, shallow_flops=None, world=1):
 # -----------------------------------------------------------------------------
 # Checkpoints and the run folder
 
+def on_rank0(write, ctx):
+    """
+    Run `write` (which saves a file) on rank 0 only, then tell every rank how it went: a UsageError
+    there (a full disk, a folder that cannot be written) is raised on all ranks, so that none is
+    left waiting for rank 0 in the next collective. The broadcast also keeps the ranks in step.
+    """
+    error = None
+    if ctx["rank"] == 0:
+        try:
+            write()
+        except UsageError as e:
+            error = str(e)
+    if ctx["world"] > 1:
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        raise UsageError(error)
+
+
 def save_checkpoint(path, model, optimizer, args, phase, step, ctx):
-    """
-    Everything needed to continue from the end of `step` of `phase`: model, optimizer, data position,
-    RNG, the smoothed loss and how many metrics lines were written. Only rank 0 writes, through
-    prepare_data.write_atomic (a temp file, flushed to disk, renamed over the old one), so a crash or
-    a full disk at any moment leaves the previous checkpoint whole.
-    """
+    """The run at the end of `step` of `phase`, for --resume or --init-from; rank 0 writes it."""
     # a NaN since the last logged step must not become the checkpoint to resume; the smoothed loss is
     # averaged over ranks, so every rank stops here together
     if not math.isfinite(ctx["smooth_loss"]):
         raise TrainingDiverged(f"{phase.name} phase: the loss became {float(ctx['smooth_loss'])} by step {step}; "
                                "the last checkpoint is left as it was")
-    if ctx["rank"]:
-        return
+    on_rank0(lambda: write_checkpoint(path, model, optimizer, args, phase, step, ctx), ctx)
+
+
+def write_checkpoint(path, model, optimizer, args, phase, step, ctx):
+    """
+    Everything needed to continue: model, optimizer, data position, RNG, the smoothed loss and how
+    many metrics lines were written, through prepare_data.write_atomic (a temp file, flushed to disk,
+    renamed over the old one), so a crash or a full disk at any moment leaves the previous checkpoint whole.
+    """
     state = {
         "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "model_config": asdict(model.config), "args": vars(args), "phase": phase.name, "step": step,
@@ -1150,10 +1172,7 @@ def run(args):
                token_bytes=torch.tensor(prepare_data.load_token_bytes(args.data), device=args.device), val_bpb={},
                flops_before=flops_before, steps_before=init["step"] if init else 0, smooth_loss=torch.zeros((), device=args.device),
                total_flops=flops_before + sum(p.flops for p in phases))
-    if rank == 0:
-        prepare_run_dir(args, resume["metrics_lines"] if resume else None)
-    if world > 1:
-        dist.barrier()  # the run folder exists before anyone writes to it
+    on_rank0(lambda: prepare_run_dir(args, resume["metrics_lines"] if resume else None), ctx)  # before anyone logs to it
     log = ctx["log"] = RunLog(args.out_dir, enabled=rank == 0, lines=resume["metrics_lines"] if resume else 0)
     log(f"config: {json.dumps(vars(args))}")
     if not resume:
