@@ -33,6 +33,10 @@ SEEDS = (0, 1, 2)
 SHALLOW_RATIOS = (1.25, 2.25, 3.25, 4.25, 5.25)
 BEST_SHALLOW_RATIO = "5.25"  # the fixed-FLOPs sweep's best arm (the top of its range); the recipes sweep runs there
 STACKED = ["--depth", "2", "--stack-to", "4"]
+# what the write-up could not try, each one change from the plain stack (d2s4 -> d4)
+RECIPES = {"g4": ["--depth", "1", "--stack-to", "4"], "interleave": STACKED + ["--grow", "interleave"],
+           "identity": STACKED + ["--grow", "identity"], "random": STACKED + ["--grow", "random"],
+           "carry": STACKED + ["--grow-optim", "carry"], "global": STACKED + ["--schedule", "global"]}
 
 
 def sweeps():
@@ -41,11 +45,8 @@ def sweeps():
     for s in SEEDS:  # seed by seed, so that a partial sweep is still a complete comparison
         fixed.append((f"baseline-s{s}", ["--depth", "4", "--seed", str(s)]))
         fixed += [(f"r{r}-s{s}", STACKED + ["--shallow-ratio", str(r), "--seed", str(s)]) for r in SHALLOW_RATIOS]
-    recipe_flags = {"g4": ["--depth", "1", "--stack-to", "4"], "interleave": STACKED + ["--grow", "interleave"],
-                    "identity": STACKED + ["--grow", "identity"], "random": STACKED + ["--grow", "random"],
-                    "carry": STACKED + ["--grow-optim", "carry"], "global": STACKED + ["--schedule", "global"]}
     recipes = [(f"{name}-s{s}", flags + ["--shallow-ratio", BEST_SHALLOW_RATIO, "--seed", str(s)])
-               for s in SEEDS for name, flags in recipe_flags.items()]
+               for s in SEEDS for name, flags in RECIPES.items()]
     shallow = f"{RUNS}/warmdown/wd0.5/shallow.pt"
     warmdown = [("wd0.5", STACKED + ["--shallow-warmdown-ratio", "0.5", "--warmdown-ratio", "0.5"])]
     warmdown += [(f"wd{w}", STACKED + ["--init-from", shallow, "--warmdown-ratio", w]) for w in ("0.75", "1.0", "1.5", "2.0")]
@@ -167,6 +168,19 @@ def trajectory_table(seeds):
     return lines
 
 
+def versus_plain_stack(recipes):
+    """Each recipe against the plain stack (d2s4, g=2, fresh optimizer, two schedules) at the same ratio and seed."""
+    plain = lambda s: records("fixed-flops", f"r{BEST_SHALLOW_RATIO}-s{s}")
+    lines = [f"Each recipe minus the plain stack r{BEST_SHALLOW_RATIO} of the same seed (final val bpb, 95% CI; negative: the recipe is better):", "",
+             "| recipe | seeds | val bpb minus plain stack's |", "|---|---|---|"]
+    for name in recipes:
+        done = [s for s in SEEDS if finished("recipes", f"{name}-s{s}") and finished("fixed-flops", f"r{BEST_SHALLOW_RATIO}-s{s}")]
+        if done:
+            diffs = [records("recipes", f"{name}-s{s}")[-1]["val_bpb"]["deep"] - plain(s)[-1]["val_bpb"]["deep"] for s in done]
+            lines.append(f"| {name} | {len(done)} | {paired_difference(diffs)} |")
+    return lines
+
+
 def baseline_records(seed):
     return records("fixed-flops", f"baseline-s{seed}") if finished("fixed-flops", f"baseline-s{seed}") else None
 
@@ -180,9 +194,10 @@ def report():
     out += ["## Fixed-FLOPs sweep (d2s4 -> d4 against d4 at ratio 10.5)", "",
             f"Baseline d4: final val bpb {mean_std(base_bpb)} over {len(base_bpb)} seed{'s' * (len(base_bpb) > 1)}.", "", table, ""]
     out += trajectory_table(base_runs) + [""]
-    table, _ = seed_table("recipes", ["g4", "interleave", "identity", "random", "carry", "global"], baseline_records)
+    recipes = list(RECIPES)
+    table, _ = seed_table("recipes", recipes, baseline_records)
     if table.count("\n") > 1:  # a header and at least one row
-        out += [f"## Recipes at shallow ratio {BEST_SHALLOW_RATIO}", "", table, ""]
+        out += [f"## Recipes at shallow ratio {BEST_SHALLOW_RATIO}", "", table, ""] + versus_plain_stack(recipes) + [""]
     warmdown = [(name, records("warmdown", name)) for name, _ in sweeps()["warmdown"] if finished("warmdown", name)]
     if warmdown and baseline_records(0):
         out += ["## Deep-phase warmdown sweep (one shallow model at ratio 3.25, seed 0, against baseline-s0)", "",
