@@ -77,9 +77,14 @@ def run(names, seeds):
         subprocess.run(PREPARE.split(), check=True)
     for sweep in names:
         for name, flags in selected(sweep, seeds):
-            if not finished(sweep, name):
-                print(" ".join(command(sweep, name, flags)), flush=True)
-                subprocess.run(command(sweep, name, flags) + ["--overwrite"], check=True)
+            if finished(sweep, name):
+                continue
+            shallow = flags[flags.index("--init-from") + 1] if "--init-from" in flags else None
+            if shallow and not os.path.exists(shallow):  # checkpoints stay out of git: a fresh clone lacks them
+                sys.exit(f"{name} starts from {shallow}, which is missing: rerun its run first "
+                         f"(rm -r {os.path.dirname(shallow)}; python experiments/sweeps.py run {sweep})")
+            print(" ".join(command(sweep, name, flags)), flush=True)
+            subprocess.run(command(sweep, name, flags) + ["--overwrite"], check=True)
 
 
 # -----------------------------------------------------------------------------
