@@ -72,6 +72,12 @@ def selected(sweep, seeds):
     return [(name, flags) for name, flags in sweeps()[sweep] if not seeds or any(name.endswith(f"-s{s}") for s in seeds)]
 
 
+def fail(message):
+    """A one-line error and exit status 2, as stack_gpt.py does for a usage error."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run(names, seeds):
     if not os.path.exists(f"{DATA}/meta.json"):
         subprocess.run(PREPARE.split(), check=True)
@@ -81,8 +87,8 @@ def run(names, seeds):
                 continue
             shallow = flags[flags.index("--init-from") + 1] if "--init-from" in flags else None
             if shallow and not os.path.exists(shallow):  # checkpoints stay out of git: a fresh clone lacks them
-                sys.exit(f"{name} starts from {shallow}, which is missing: rerun its run first "
-                         f"(rm -r {os.path.dirname(shallow)}; python experiments/sweeps.py run {sweep})")
+                fail(f"{name} starts from {shallow}, which is missing: rerun its run first "
+                     f"(rm -r {os.path.dirname(shallow)}; python experiments/sweeps.py run {sweep})")
             print(" ".join(command(sweep, name, flags)), flush=True)
             subprocess.run(command(sweep, name, flags) + ["--overwrite"], check=True)
 
@@ -194,7 +200,7 @@ def report():
     out = []
     base_runs = [s for s in SEEDS if baseline_records(s)]
     if not base_runs:
-        sys.exit("no finished baseline yet: python experiments/sweeps.py run fixed-flops")
+        fail("no finished baseline yet: python experiments/sweeps.py run fixed-flops")
     table, base_bpb = seed_table("fixed-flops", [f"r{r}" for r in SHALLOW_RATIOS], baseline_records)
     out += ["## Fixed-FLOPs sweep (d2s4 -> d4 against d4 at ratio 10.5)", "",
             f"Baseline d4: final val bpb {mean_std(base_bpb)} over {len(base_bpb)} seed{'s' * (len(base_bpb) > 1)}.", "", table, ""]
