@@ -36,7 +36,10 @@ STACKED = ["--depth", "2", "--stack-to", "4"]
 # what the write-up could not try, each one change from the plain stack (d2s4 -> d4)
 RECIPES = {"g4": ["--depth", "1", "--stack-to", "4"], "interleave": STACKED + ["--grow", "interleave"],
            "identity": STACKED + ["--grow", "identity"], "random": STACKED + ["--grow", "random"],
-           "carry": STACKED + ["--grow-optim", "carry"], "global": STACKED + ["--schedule", "global"]}
+           "carry": STACKED + ["--grow-optim", "carry"], "global": STACKED + ["--schedule", "global"],
+           # the best combination found (experiments.md says how it was chosen): the plain stack with the
+           # deep-phase warmdown that won the warmdown sweep, 0.5 (nanochat's default and the baseline's)
+           "combo": STACKED + ["--warmdown-ratio", "0.5"]}
 
 
 def sweeps():
