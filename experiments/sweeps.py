@@ -234,8 +234,10 @@ def plots(base_runs):
         print("(matplotlib is not installed: no plots)")
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm, label in (("baseline", "baseline d4"), (f"r{BEST_SHALLOW_RATIO}", f"d2s4 -> d4, shallow ratio {BEST_SHALLOW_RATIO}")):
-        runs = [records("fixed-flops", f"{arm}-s{s}") for s in base_runs if finished("fixed-flops", f"{arm}-s{s}")]
+    curves = (("fixed-flops", "baseline", "baseline d4"), ("fixed-flops", f"r{BEST_SHALLOW_RATIO}", f"d2s4 -> d4, shallow ratio {BEST_SHALLOW_RATIO}"),
+              ("recipes", "combo", "the same, deep warmdown 0.5 (combo)"))
+    for sweep, arm, label in curves:
+        runs = [records(sweep, f"{arm}-s{s}") for s in base_runs if finished(sweep, f"{arm}-s{s}")]
         if runs:  # every seed of an arm evaluates at the same FLOPs, so the curves average point by point
             evals = [[r for r in run if r["kind"] == "eval"] for run in runs]
             ax.plot([r["flops"] for r in evals[0]], [statistics.mean(v) for v in zip(*([r["val_bpb"] for r in e] for e in evals))],
