@@ -1109,7 +1109,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     optimizer = sg.build_optimizer(model, optimizer_args(), 2**19, 0.1)
     phase = sg.Phase("shallow", model.config, 10, 4096, 1000, 0.1, 0.0)
     loader = types.SimpleNamespace(state_dict=lambda: {"epoch": 0, "cursor": 3})
-    ctx = dict(rank=0, flops_before=0, steps_before=0, smooth_loss=torch.tensor(1.5), val_bpb={}, log=types.SimpleNamespace(lines=4), loader=loader)
+    ctx = dict(rank=0, world=1, flops_before=0, steps_before=0, smooth_loss=torch.tensor(1.5), val_bpb={}, log=types.SimpleNamespace(lines=4), loader=loader)
     args = types.SimpleNamespace(device="cpu", x=1)
     path = str(tmp_path / "checkpoint.pt")
     sg.save_checkpoint(path, model, optimizer, args, phase, 1, ctx)
