@@ -1012,12 +1012,17 @@ def comparable(records):
     return [{k: v for k, v in r.items() if k not in timing} for r in records if r["kind"] in ("train", "eval", "summary")]
 
 
+def torchrun_two(argv, timeout):
+    """stack_gpt.py under torchrun with 2 gloo processes on this machine."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "stack_gpt.py"] + argv,
+                          cwd=HERE, capture_output=True, text=True, timeout=timeout)
+
+
 def test_two_processes_match_one(tiny_data, tmp_path):
     """torchrun with 2 gloo processes gives the 1-process losses: each rank takes half of every batch."""
     flags = TINY + ["--data", tiny_data, "--device", "cpu", "--sample-tokens", "0"]
     sg.main(flags + ["--out-dir", str(tmp_path / "one")])
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "stack_gpt.py"]
-                            + flags + ["--out-dir", str(tmp_path / "two")], cwd=HERE, capture_output=True, text=True, timeout=300)
+    result = torchrun_two(flags + ["--out-dir", str(tmp_path / "two")], timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]  # includes the check that both ranks hold the same weights
     one, two = comparable(read_metrics(tmp_path / "one")), comparable(read_metrics(tmp_path / "two"))
     assert [(r["kind"], r.get("phase"), r.get("step")) for r in one] == [(r["kind"], r.get("phase"), r.get("step")) for r in two]
@@ -1030,18 +1035,17 @@ def test_two_processes_match_one(tiny_data, tmp_path):
         assert torch.allclose(final[1][name], tensor, rtol=1e-4, atol=1e-5), name
 
 
-
 @pytest.mark.parametrize("blocked", ["config.json", "checkpoint.pt"])
 def test_a_failed_write_on_rank_0_stops_every_rank(tiny_data, tmp_path, blocked):
     """Only rank 0 writes files; when a write fails, the other rank must stop too rather than hang in a collective."""
     out = tmp_path / "run"
     os.makedirs(out / (blocked + ".tmp"))  # a folder where write_atomic wants its temp file: the write fails
     flags = TINY + ["--data", tiny_data, "--device", "cpu", "--sample-tokens", "0", "--save-every", "3", "--out-dir", str(out)]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "stack_gpt.py"]
-                            + flags, cwd=HERE, capture_output=True, text=True, timeout=120)
+    result = torchrun_two(flags, timeout=120)
     assert result.returncode != 0
     assert result.stderr.count("error: ") == 2, result.stderr[-2000:]  # the same one-line error from both ranks
     assert not os.path.exists(out / "final.pt")
+
 
 LONG = TINY + ["--shallow-steps", "40", "--deep-steps", "40", "--eval-every", "10", "--save-every", "7", "--sample-tokens", "0"]
 

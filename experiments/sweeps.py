@@ -184,13 +184,14 @@ def trajectory_table(seeds):
 
 def versus_plain_stack(recipes):
     """Each recipe against the plain stack (d2s4, g=2, fresh optimizer, two schedules) at the same ratio and seed."""
-    plain = lambda s: records("fixed-flops", f"r{BEST_SHALLOW_RATIO}-s{s}")
-    lines = [f"Each recipe minus the plain stack r{BEST_SHALLOW_RATIO} of the same seed (final val bpb, 95% CI; negative: the recipe is better):", "",
+    plain = f"r{BEST_SHALLOW_RATIO}"
+    final_bpb = lambda sweep, name: records(sweep, name)[-1]["val_bpb"]["deep"]
+    lines = [f"Each recipe minus the plain stack {plain} of the same seed (final val bpb, 95% CI; negative: the recipe is better):", "",
              "| recipe | seeds | val bpb minus plain stack's |", "|---|---|---|"]
     for name in recipes:
-        done = [s for s in SEEDS if finished("recipes", f"{name}-s{s}") and finished("fixed-flops", f"r{BEST_SHALLOW_RATIO}-s{s}")]
+        done = [s for s in SEEDS if finished("recipes", f"{name}-s{s}") and finished("fixed-flops", f"{plain}-s{s}")]
         if done:
-            diffs = [records("recipes", f"{name}-s{s}")[-1]["val_bpb"]["deep"] - plain(s)[-1]["val_bpb"]["deep"] for s in done]
+            diffs = [final_bpb("recipes", f"{name}-s{s}") - final_bpb("fixed-flops", f"{plain}-s{s}") for s in done]
             lines.append(f"| {name} | {len(done)} | {paired_difference(diffs)} |")
     return lines
 
@@ -208,10 +209,9 @@ def report():
     out += ["## Fixed-FLOPs sweep (d2s4 -> d4 against d4 at ratio 10.5)", "",
             f"Baseline d4: final val bpb {mean_std(base_bpb)} over {len(base_bpb)} seed{'s' * (len(base_bpb) > 1)}.", "", table, ""]
     out += trajectory_table(base_runs) + [""]
-    recipes = list(RECIPES)
-    table, _ = seed_table("recipes", recipes, baseline_records)
+    table, _ = seed_table("recipes", RECIPES, baseline_records)
     if table.count("\n") > 1:  # a header and at least one row
-        out += [f"## Recipes at shallow ratio {BEST_SHALLOW_RATIO}", "", table, ""] + versus_plain_stack(recipes) + [""]
+        out += [f"## Recipes at shallow ratio {BEST_SHALLOW_RATIO}", "", table, ""] + versus_plain_stack(RECIPES) + [""]
     warmdown = [(name, records("warmdown", name)) for name, _ in sweeps()["warmdown"] if finished("warmdown", name)]
     if warmdown and baseline_records(0):
         out += ["## Deep-phase warmdown sweep (one shallow model at ratio 3.25, seed 0, against baseline-s0)", "",
