@@ -960,8 +960,11 @@ class RunLog:
             return
         print(line, flush=True)
         if record:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # rank 0 exits with the message; torchrun then stops the other ranks
+                raise UsageError(f"cannot append to {self.path} ({e.strerror}): free some disk space, then rerun with --resume (or --overwrite)")
             self.lines += 1
 
 

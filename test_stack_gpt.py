@@ -1134,6 +1134,13 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sg.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
+def test_a_metrics_file_that_cannot_be_appended_is_a_usage_error(tmp_path, capsys):
+    log = sg.RunLog(str(tmp_path / "gone"), enabled=True)  # the run folder vanished (or the disk filled) mid-run
+    with pytest.raises(sg.UsageError, match="cannot append to .*metrics.jsonl .*free some disk space"):
+        log("step 10", step=10)
+    assert log.lines == 0
+
+
 def test_nan_between_log_lines_never_becomes_a_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "nan")
     real = sg.lr_multiplier
