@@ -1032,67 +1032,79 @@ def check_replicas_agree(model, world):
 LOSS_EMA_DECAY = 0.9  # the logged train loss is smoothed over roughly the last 10 steps
 
 
+def train_step(step_model, model, optimizer, phase, step, args, ctx):
+    """
+    One optimizer step: gradients summed over micro-batches and averaged over ranks, then the update
+    at this step's schedule. Returns the step's mean loss (a tensor: no host sync) and the LR multiplier.
+    """
+    accum = phase.batch_size // (args.device_batch_size * args.seq_len * ctx["world"])  # micro-batches per step and rank
+    loss_sum = torch.zeros((), device=args.device)
+    for _ in range(accum):
+        x, y = ctx["loader"].next_batch(args.device_batch_size)
+        with ctx["autocast"]:
+            loss = step_model(x, y)
+        (loss / accum).backward()  # gradients add up over micro-batches: divide to get the mean
+        loss_sum += loss.detach()
+    average_gradients(model, ctx["world"])
+    lrm, momentum, weight_decay = schedule_at(phase, step, args, ctx)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        if group["kind"] == "muon":
+            group["momentum"], group["weight_decay"] = momentum, weight_decay
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    if ctx["world"] > 1:
+        dist.all_reduce(loss_sum)
+        loss_sum /= ctx["world"]
+    return loss_sum / accum, lrm
+
+
+def log_train_line(phase, steps_done, loss, smoothed, lrm, dt, elapsed, eta, ctx):
+    """The log line and metrics record after `steps_done` steps: the last step's loss and the smoothed one, as floats."""
+    smoothed /= 1 - LOSS_EMA_DECAY ** steps_done  # debias: the EMA started from zero
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"{phase.name} phase: loss is {loss} at step {steps_done}; the last checkpoint is left as it was")
+    tok_per_s = phase.batch_size / dt
+    # model FLOPs utilization: the FLOP/s our FLOPs count says we do, over the peak of all GPUs together
+    mfu = 100 * phase.flops_per_token * tok_per_s / (ctx["peak"] * ctx["world"]) if ctx["peak"] else None
+    ctx["log"](f"{phase.name} step {steps_done}/{phase.steps} | loss {smoothed:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | "
+               f"tok/s {tok_per_s:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu is not None else "") +
+               f" | elapsed {elapsed / 60:.1f}m | eta {eta / 60:.1f}m",
+               kind="train", phase=phase.name, step=steps_done, loss=smoothed, raw_loss=loss, lrm=lrm, dt=dt,
+               tok_per_s=tok_per_s, mfu=mfu, flops=ctx["flops_before"] + phase.step_flops * steps_done, elapsed=elapsed)
+
+
 def train_phase(phase, model, optimizer, args, ctx, start_step=0):
     """Train `model` from start_step to phase.steps optimizer steps, evaluating on the way and at the end."""
     step_model = torch.compile(model, dynamic=False) if args.compile else model
-    accum = phase.batch_size // (args.device_batch_size * args.seq_len * ctx["world"])  # micro-batches per step and rank
-    log, peak = ctx["log"], ctx["peak"]
     phase_start = last_log_time = time.time()
     last_log_step = start_step
     for step in range(start_step, phase.steps + 1):
-        flops = ctx["flops_before"] + phase.step_flops * step
         if step == phase.steps or (args.eval_every and step % args.eval_every == 0):
             model.eval()
             bpb = evaluate_bpb(step_model, ctx["val"], ctx["token_bytes"], ctx["autocast"])
             model.train()
-            log(f"{phase.name} step {step}/{phase.steps} | val bpb {bpb:.4f}",
-                kind="eval", phase=phase.name, step=step, val_bpb=bpb, flops=flops)
+            ctx["log"](f"{phase.name} step {step}/{phase.steps} | val bpb {bpb:.4f}", kind="eval", phase=phase.name, step=step,
+                       val_bpb=bpb, flops=ctx["flops_before"] + phase.step_flops * step)
             last_log_time, last_log_step = time.time(), step  # keep eval time out of the step timings
         if step == phase.steps:
             break
-        loss_sum = torch.zeros((), device=args.device)
-        for _ in range(accum):
-            x, y = ctx["loader"].next_batch(args.device_batch_size)
-            with ctx["autocast"]:
-                loss = step_model(x, y)
-            (loss / accum).backward()  # gradients add up over micro-batches: divide to get the mean
-            loss_sum += loss.detach()
-        average_gradients(model, ctx["world"])
-        lrm, momentum, weight_decay = schedule_at(phase, step, args, ctx)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group["kind"] == "muon":
-                group["momentum"], group["weight_decay"] = momentum, weight_decay
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-        if ctx["world"] > 1:
-            dist.all_reduce(loss_sum)
-            loss_sum /= ctx["world"]
-        ctx["smooth_loss"].lerp_(loss_sum / accum, 1 - LOSS_EMA_DECAY)  # smooth = decay * smooth + (1 - decay) * loss
+        loss, lrm = train_step(step_model, model, optimizer, phase, step, args, ctx)
+        ctx["smooth_loss"].lerp_(loss, 1 - LOSS_EMA_DECAY)  # smooth = decay * smooth + (1 - decay) * loss
         if not (step + 1) % args.log_every or step + 1 == phase.steps:  # the host syncs only on logged steps
-            loss, smoothed = torch.stack([loss_sum / accum, ctx["smooth_loss"]]).tolist()
-            smoothed /= 1 - LOSS_EMA_DECAY ** (step + 1)  # debias: the EMA started from zero
-            if not math.isfinite(loss):
-                raise TrainingDiverged(f"{phase.name} phase: loss is {loss} at step {step + 1}; the last checkpoint is left as it was")
+            loss, smoothed = torch.stack([loss, ctx["smooth_loss"]]).tolist()  # waits for the GPU: time after this
             now = time.time()
             dt = (now - last_log_time) / (step + 1 - last_log_step)  # mean over the steps since the last log line
-            last_log_time, last_log_step = now, step + 1
-            tok_per_s = phase.batch_size / dt
-            # model FLOPs utilization: the FLOP/s our FLOPs count says we do, over the peak of all GPUs together
-            mfu = 100 * phase.flops_per_token * tok_per_s / (peak * ctx["world"]) if peak else None
             elapsed = now - phase_start
             eta = elapsed / (step + 1 - start_step) * (phase.steps - step - 1)
-            log(f"{phase.name} step {step + 1}/{phase.steps} | loss {smoothed:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | "
-                f"tok/s {tok_per_s:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu is not None else "") +
-                f" | elapsed {elapsed / 60:.1f}m | eta {eta / 60:.1f}m",
-                kind="train", phase=phase.name, step=step + 1, loss=smoothed, raw_loss=loss, lrm=lrm, dt=dt,
-                tok_per_s=tok_per_s, mfu=mfu, flops=flops + phase.step_flops, elapsed=elapsed)
+            log_train_line(phase, step + 1, loss, smoothed, lrm, dt, elapsed, eta, ctx)
+            last_log_time, last_log_step = now, step + 1
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < phase.steps:
             save_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"), model, optimizer, args, phase, step + 1, ctx)
     check_replicas_agree(model, ctx["world"])
     if args.sample_tokens and ctx["rank"] == 0:
         text = sample_text(model, ctx["tokenizer"], ctx["prompt"], args.sample_tokens, ctx["autocast"])
-        log(f"{phase.name} sample: {text!r}", kind="sample", phase=phase.name, text=text)
+        ctx["log"](f"{phase.name} sample: {text!r}", kind="sample", phase=phase.name, text=text)
     ctx["val_bpb"][phase.name] = bpb
 
 
@@ -1150,6 +1162,27 @@ def restore(ckpt, args, ctx, same_data=True):
     return model, optimizer
 
 
+def starting_point(phases, resume, init, args, ctx):
+    """
+    The model and optimizer to train, the index of the phase to start in and the step within it:
+    an interrupted run (--resume), a trained shallow model (--init-from), or a new model.
+    """
+    if resume:
+        model, optimizer = restore(resume, args, ctx)
+        ctx.update(flops_before=resume["phase_flops_before"], steps_before=resume["phase_steps_before"], val_bpb=resume["val_bpb"])
+        ctx["smooth_loss"].fill_(resume["smooth_loss"])
+        ctx["log"](f"resuming {args.out_dir}: {resume['phase']} step {resume['step']}, {resume['flops']:.3e} FLOPs spent")
+        return model, optimizer, [p.name for p in phases].index(resume["phase"]), resume["step"]
+    if init:
+        same_data = os.path.realpath(init["args"]["data"]) == os.path.realpath(args.data) and init["args"]["seed"] == args.seed
+        model, optimizer = restore(init, args, ctx, same_data)
+        ctx["log"](f"shallow model from {args.init_from} ({init['flops']:.3e} FLOPs spent); the deep phase reads "
+                   + ("on from where it stopped" if same_data else "its data from the start (other data or seed)"))
+        return model, optimizer, 0, 0
+    model = build_model(phases[0].config, args.device)
+    return model, build_optimizer(model, args, phases[0].batch_size, phases[0].weight_decay), 0, 0
+
+
 def run(args):
     """Everything that can fail on bad input is checked before the run folder is touched."""
     resume = None
@@ -1175,30 +1208,16 @@ def run(args):
                token_bytes=torch.tensor(prepare_data.load_token_bytes(args.data), device=args.device), val_bpb={},
                flops_before=flops_before, steps_before=init["step"] if init else 0, smooth_loss=torch.zeros((), device=args.device),
                total_flops=flops_before + sum(p.flops for p in phases))
-    on_rank0(lambda: prepare_run_dir(args, resume["metrics_lines"] if resume else None), ctx)  # before anyone logs to it
-    log = ctx["log"] = RunLog(args.out_dir, enabled=rank == 0, lines=resume["metrics_lines"] if resume else 0)
+    metrics_lines = resume["metrics_lines"] if resume else None  # the records a resumed run keeps
+    on_rank0(lambda: prepare_run_dir(args, metrics_lines), ctx)  # before anyone logs to it
+    log = ctx["log"] = RunLog(args.out_dir, enabled=rank == 0, lines=metrics_lines or 0)
     log(f"config: {json.dumps(vars(args))}")
     if not resume:
         log(describe_plan(phases, args, meta, flops_before), kind="plan", phases=[{**asdict(p), "flops": p.flops} for p in phases])
     if args.device == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls outside autocast
     start = time.time()
-    # Where training starts: an interrupted run (--resume), a shallow checkpoint (--init-from), or a new model
-    first, start_step = 0, 0
-    if resume:
-        model, optimizer = restore(resume, args, ctx)
-        first, start_step = [p.name for p in phases].index(resume["phase"]), resume["step"]
-        ctx.update(flops_before=resume["phase_flops_before"], steps_before=resume["phase_steps_before"], val_bpb=resume["val_bpb"])
-        ctx["smooth_loss"].fill_(resume["smooth_loss"])
-        log(f"resuming {args.out_dir}: {resume['phase']} step {resume['step']}, {resume['flops']:.3e} FLOPs spent")
-    elif init:
-        same_data = os.path.realpath(init["args"]["data"]) == os.path.realpath(args.data) and init["args"]["seed"] == args.seed
-        model, optimizer = restore(init, args, ctx, same_data)
-        log(f"shallow model from {args.init_from} ({flops_before:.3e} FLOPs spent); the deep phase reads "
-            + ("on from where it stopped" if same_data else "its data from the start (other data or seed)"))
-    else:
-        model = build_model(phases[0].config, args.device)
-        optimizer = build_optimizer(model, args, phases[0].batch_size, phases[0].weight_decay)
+    model, optimizer, first, start_step = starting_point(phases, resume, init, args, ctx)
     del resume, init  # their tensors now live in the model and optimizer
     broadcast_weights(model, world)
     for phase in phases[first:]:

@@ -24,7 +24,7 @@ import stack_gpt as sg  # noqa: E402  (the report reuses its acceleration arithm
 
 RUNS = "experiments/runs"
 DATA = "data/pylibs-2048"
-PREPARE = f"python prepare_data.py --dataset pylibs --vocab-size 2048 --name pylibs-2048"
+PREPARE = "python prepare_data.py --dataset pylibs --vocab-size 2048 --name pylibs-2048"
 # One CPU-scale family for every sweep: target depth 4 at width 128 (4 heads of 32), context 256,
 # 4096-token batches. The shallow d2s4 costs 0.60 of the d4's FLOPs per token, as d6s12 does of d12.
 FAMILY = ["--data", DATA, "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "256", "--device-batch-size", "16",
