@@ -16,6 +16,7 @@ value embeddings, per-layer lambdas, Muon + AdamW. Examples:
 """
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -575,6 +576,11 @@ def weight_decay_at(step, steps, weight_decay):
     return weight_decay * (1 - step / steps)
 
 
+def flops_at(phase, step, ctx):
+    """FLOPs the run has spent by the end of `step` of `phase`, the phases before it included."""
+    return ctx["flops_before"] + phase.step_flops * step
+
+
 def schedule_at(phase, step, args, ctx):
     """
     (LR multiplier, Muon momentum, weight decay) for a step. With --schedule phases each phase
@@ -585,7 +591,7 @@ def schedule_at(phase, step, args, ctx):
     if args.schedule == "phases":
         return (lr_multiplier(step, phase.steps, args.warmup_ratio, phase.warmdown_ratio, args.final_lr_frac),
                 muon_momentum(step), weight_decay_at(step, phase.steps, phase.weight_decay))
-    done = ctx["flops_before"] + phase.step_flops * step
+    done = flops_at(phase, step, ctx)
     # position and length in steps of this phase (fractional), so that warmup's "+1" is one step
     return (lr_multiplier(done / phase.step_flops, ctx["total_flops"] / phase.step_flops, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac),
             muon_momentum(ctx["steps_before"] + step), weight_decay_at(done, ctx["total_flops"], phase.weight_decay))
@@ -855,7 +861,7 @@ def write_checkpoint(path, model, optimizer, args, phase, step, ctx):
         "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "model_config": asdict(model.config), "args": vars(args), "phase": phase.name, "step": step,
         "batch_size": phase.batch_size, "weight_decay": phase.weight_decay,
-        "flops": ctx["flops_before"] + phase.step_flops * step,
+        "flops": flops_at(phase, step, ctx),
         "phase_flops_before": ctx["flops_before"], "phase_steps_before": ctx["steps_before"],
         "smooth_loss": float(ctx["smooth_loss"]), "val_bpb": dict(ctx["val_bpb"]), "metrics_lines": ctx["log"].lines,
         "loader": ctx["loader"].state_dict(), "rng": torch.get_rng_state(),
@@ -964,7 +970,9 @@ class RunLog:
                 with open(self.path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:  # rank 0 exits with the message; torchrun then stops the other ranks
-                raise UsageError(f"cannot append to {self.path} ({e.strerror}): free some disk space, then rerun with --resume (or --overwrite)")
+                fix = "free some disk space" if e.errno == errno.ENOSPC else f"check that {os.path.dirname(self.path)} exists and is writable"
+                raise UsageError(f"cannot append to {self.path} ({e.strerror or e}): {fix}, "
+                                 "then rerun with --resume (if a checkpoint was saved) or --overwrite")
             self.lines += 1
 
 
@@ -1034,8 +1042,10 @@ LOSS_EMA_DECAY = 0.9  # the logged train loss is smoothed over roughly the last 
 
 def train_step(step_model, model, optimizer, phase, step, args, ctx):
     """
-    One optimizer step: gradients summed over micro-batches and averaged over ranks, then the update
-    at this step's schedule. Returns the step's mean loss (a tensor: no host sync) and the LR multiplier.
+    One optimizer step: gradients averaged over micro-batches and ranks, then the update at this
+    step's schedule. `step_model` (the compiled model, or the model itself) runs forward and backward;
+    `model` holds the parameters the gradients land in. Returns the step's mean loss (a tensor: no
+    host sync) and the LR multiplier.
     """
     accum = phase.batch_size // (args.device_batch_size * args.seq_len * ctx["world"])  # micro-batches per step and rank
     loss_sum = torch.zeros((), device=args.device)
@@ -1060,7 +1070,10 @@ def train_step(step_model, model, optimizer, phase, step, args, ctx):
 
 
 def log_train_line(phase, steps_done, loss, smoothed, lrm, dt, elapsed, eta, ctx):
-    """The log line and metrics record after `steps_done` steps: the last step's loss and the smoothed one, as floats."""
+    """
+    The log line and metrics record after `steps_done` steps, from the last step's loss and the loss
+    EMA (floats; the EMA is debiased here). A loss that is not finite stops the run instead.
+    """
     smoothed /= 1 - LOSS_EMA_DECAY ** steps_done  # debias: the EMA started from zero
     if not math.isfinite(loss):
         raise TrainingDiverged(f"{phase.name} phase: loss is {loss} at step {steps_done}; the last checkpoint is left as it was")
@@ -1071,7 +1084,7 @@ def log_train_line(phase, steps_done, loss, smoothed, lrm, dt, elapsed, eta, ctx
                f"tok/s {tok_per_s:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu is not None else "") +
                f" | elapsed {elapsed / 60:.1f}m | eta {eta / 60:.1f}m",
                kind="train", phase=phase.name, step=steps_done, loss=smoothed, raw_loss=loss, lrm=lrm, dt=dt,
-               tok_per_s=tok_per_s, mfu=mfu, flops=ctx["flops_before"] + phase.step_flops * steps_done, elapsed=elapsed)
+               tok_per_s=tok_per_s, mfu=mfu, flops=flops_at(phase, steps_done, ctx), elapsed=elapsed)
 
 
 def train_phase(phase, model, optimizer, args, ctx, start_step=0):
@@ -1085,7 +1098,7 @@ def train_phase(phase, model, optimizer, args, ctx, start_step=0):
             bpb = evaluate_bpb(step_model, ctx["val"], ctx["token_bytes"], ctx["autocast"])
             model.train()
             ctx["log"](f"{phase.name} step {step}/{phase.steps} | val bpb {bpb:.4f}", kind="eval", phase=phase.name, step=step,
-                       val_bpb=bpb, flops=ctx["flops_before"] + phase.step_flops * step)
+                       val_bpb=bpb, flops=flops_at(phase, step, ctx))
             last_log_time, last_log_step = time.time(), step  # keep eval time out of the step timings
         if step == phase.steps:
             break
@@ -1165,7 +1178,8 @@ def restore(ckpt, args, ctx, same_data=True):
 def starting_point(phases, resume, init, args, ctx):
     """
     The model and optimizer to train, the index of the phase to start in and the step within it:
-    an interrupted run (--resume), a trained shallow model (--init-from), or a new model.
+    an interrupted run (--resume, which also puts back ctx's FLOPs and steps so far, val bpb and
+    loss EMA), a trained shallow model (--init-from), or a new model.
     """
     if resume:
         model, optimizer = restore(resume, args, ctx)

@@ -1135,8 +1135,11 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_a_metrics_file_that_cannot_be_appended_is_a_usage_error(tmp_path, capsys):
-    log = sg.RunLog(str(tmp_path / "gone"), enabled=True)  # the run folder vanished (or the disk filled) mid-run
-    with pytest.raises(sg.UsageError, match="cannot append to .*metrics.jsonl .*free some disk space"):
+    log = sg.RunLog(str(tmp_path / "gone"), enabled=True)  # the run folder vanished mid-run
+    with pytest.raises(sg.UsageError, match="cannot append to .*metrics.jsonl .*check that .*gone exists and is writable"):
+        log("step 10", step=10)
+    log.path = "/dev/full"  # Linux's always-full device: every write fails with ENOSPC
+    with pytest.raises(sg.UsageError, match="No space left on device.*free some disk space, then rerun with --resume"):
         log("step 10", step=10)
     assert log.lines == 0
 
