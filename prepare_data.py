@@ -26,6 +26,7 @@ import heapq
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import sys
 import sysconfig
@@ -652,6 +653,17 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def finite_float(text):
+    """argparse type: a float flag takes ordinary numbers only (float() alone would accept nan and inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, like 0.5 (got {text!r})")
+    return value
+
+
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
@@ -662,9 +674,9 @@ def parse_args(argv=None):
     add("--tokenizer", default="bpe", help="bpe (trained here) or gpt2 (GPT-2's own)")
     add("--vocab-size", type=int, default=4096, help="BPE vocabulary size, <|endoftext|> included")
     add("--tiktoken-file", metavar="PATH", help="a local gpt2.tiktoken: GPT-2's tokenizer with no download")
-    add("--val-fraction", type=float, default=0.05, help="share of the documents held out for val")
+    add("--val-fraction", type=finite_float, default=0.05, help="share of the documents held out for val")
     add("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")
-    add("--bpe-sample-mb", type=float, default=BPE_SAMPLE_MB, help="MB of train text the BPE learns from")
+    add("--bpe-sample-mb", type=finite_float, default=BPE_SAMPLE_MB, help="MB of train text the BPE learns from")
     add("--shards", type=int, default=1, help="fineweb-edu: train shards of 100M tokens to fetch")
     add("--base-url", help=f"fineweb-edu: a mirror to download from (default: ${URL_ENV}, else Hugging Face)")
     add("--retries", type=int, default=5, help="fineweb-edu: attempts per file before giving up")

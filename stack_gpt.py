@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -35,6 +36,7 @@ import prepare_data
 from prepare_data import DataError
 
 CHECKPOINT_FORMAT = "stack-gpt-1"
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype
 REFERENCE_DEPTH, REFERENCE_BATCH = 12, 2**19  # nanochat's d12 and its tokens per step: the LR, batch and wd rules scale from here
 
 
@@ -59,24 +61,24 @@ def get_parser():
     model_flags.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
     model_flags.add_argument("--seq-len", type=int, default=2048, help="context length in tokens")
     horizon_flags = p.add_argument_group("horizon")
-    horizon_flags.add_argument("--ratio", type=float, default=10.5, help="data:param ratio of the baseline: the final-depth model trained at this ratio sets the FLOPs budget of the whole run")
-    horizon_flags.add_argument("--target-flops", type=float, default=None, help="total FLOPs budget of the run (overrides --ratio)")
-    horizon_flags.add_argument("--shallow-ratio", type=float, default=3.25, help="data:param ratio of the shallow phase")
+    horizon_flags.add_argument("--ratio", type=prepare_data.finite_float, default=10.5, help="data:param ratio of the baseline: the final-depth model trained at this ratio sets the FLOPs budget of the whole run")
+    horizon_flags.add_argument("--target-flops", type=prepare_data.finite_float, default=None, help="total FLOPs budget of the run (overrides --ratio)")
+    horizon_flags.add_argument("--shallow-ratio", type=prepare_data.finite_float, default=3.25, help="data:param ratio of the shallow phase")
     horizon_flags.add_argument("--shallow-steps", type=int, default=None, help="explicit number of shallow-phase steps (overrides --shallow-ratio)")
-    horizon_flags.add_argument("--deep-ratio", type=float, default=None, help="data:param ratio of the deep phase (default: whatever fills the FLOPs budget)")
+    horizon_flags.add_argument("--deep-ratio", type=prepare_data.finite_float, default=None, help="data:param ratio of the deep phase (default: whatever fills the FLOPs budget)")
     horizon_flags.add_argument("--deep-steps", type=int, default=None, help="explicit number of steps of the deep (or only) phase")
     optim_flags = p.add_argument_group("optimization")
     optim_flags.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: nanochat's rule, 2^19 at d12, scaled by model size^0.383)")
     optim_flags.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass; gradients are accumulated up to the total batch")
-    optim_flags.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate for the block matrices")
-    optim_flags.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW learning rate for token and value embeddings")
-    optim_flags.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW learning rate for the lm_head")
-    optim_flags.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW learning rate for x0_lambdas (resid_lambdas get 1%% of it)")
-    optim_flags.add_argument("--weight-decay", type=float, default=0.2, help="Muon cautious weight decay at d12 (scaled with batch and horizon)")
-    optim_flags.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of each phase (of the whole run with --schedule global) spent in linear LR warmup")
-    optim_flags.add_argument("--warmdown-ratio", type=float, default=None, help="fraction of the deep (or only) phase spent decaying the LR (default: 1.0 after stacking, 0.5 for a baseline or a global schedule)")
-    optim_flags.add_argument("--shallow-warmdown-ratio", type=float, default=0.0, help="warmdown ratio of the shallow phase")
-    optim_flags.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of warmdown")
+    optim_flags.add_argument("--matrix-lr", type=prepare_data.finite_float, default=0.02, help="Muon learning rate for the block matrices")
+    optim_flags.add_argument("--embedding-lr", type=prepare_data.finite_float, default=0.3, help="AdamW learning rate for token and value embeddings")
+    optim_flags.add_argument("--unembedding-lr", type=prepare_data.finite_float, default=0.004, help="AdamW learning rate for the lm_head")
+    optim_flags.add_argument("--scalar-lr", type=prepare_data.finite_float, default=0.5, help="AdamW learning rate for x0_lambdas (resid_lambdas get 1%% of it)")
+    optim_flags.add_argument("--weight-decay", type=prepare_data.finite_float, default=0.2, help="Muon cautious weight decay at d12 (scaled with batch and horizon)")
+    optim_flags.add_argument("--warmup-ratio", type=prepare_data.finite_float, default=0.0, help="fraction of each phase (of the whole run with --schedule global) spent in linear LR warmup")
+    optim_flags.add_argument("--warmdown-ratio", type=prepare_data.finite_float, default=None, help="fraction of the deep (or only) phase spent decaying the LR (default: 1.0 after stacking, 0.5 for a baseline or a global schedule)")
+    optim_flags.add_argument("--shallow-warmdown-ratio", type=prepare_data.finite_float, default=0.0, help="warmdown ratio of the shallow phase")
+    optim_flags.add_argument("--final-lr-frac", type=prepare_data.finite_float, default=0.0, help="LR multiplier at the end of warmdown")
     evaluation_flags = p.add_argument_group("evaluation and logging")
     evaluation_flags.add_argument("--eval-every", type=int, default=250, help="evaluate val bpb every N steps (and at the end of each phase); 0 = only at the end")
     evaluation_flags.add_argument("--eval-tokens", type=int, default=40 * REFERENCE_BATCH, help="number of val tokens per evaluation (the same ones every time; nanochat's size)")
@@ -93,10 +95,12 @@ def get_parser():
     run_flags.add_argument("--out-dir", default=None, help="run folder for config, metrics and checkpoints (default: runs/<d6s12 or d12>)")
     run_flags.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds another run, finished or not (its checkpoints are deleted)")
     run_flags.add_argument("--save-every", type=int, default=0, help="also write checkpoint.pt every N steps of either phase, for --resume (0 = never)")
-    run_flags.add_argument("--resume", action="store_true", help="continue the interrupted run in --out-dir from its latest checkpoint, with the flags it was started with (--device and --compile: this command's)")
+    run_flags.add_argument("--resume", action="store_true", help="continue the interrupted run in --out-dir from its latest checkpoint, with the flags it was started with (--device, --compile and --dtype: this command's)")
     run_flags.add_argument("--init-from", default=None, help="shallow checkpoint to start from: skips phase 1 (one shallow model can serve many deep runs)")
     run_flags.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     run_flags.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on for CUDA, off for CPU)")
+    run_flags.add_argument("--dtype", choices=PRECISIONS, default=None, help="bf16: autocast matmuls, bf16 lookup tables and Polar Express (the GPU path); "
+                           "fp32: everything in fp32 (default: bf16 on CUDA, fp32 on CPU, where bf16 is often emulated and slow)")
     run_flags.add_argument("--seed", type=int, default=0, help="seed for the initialization and the data order")
     return p
 
@@ -140,6 +144,8 @@ def resolve_args(argv=None):
         raise UsageError("--device cuda but no CUDA GPU is visible: use --device cpu")
     if args.compile is None:
         args.compile = args.device == "cuda"
+    if args.dtype is None:  # GPUs are fast in bf16; many CPUs have no native bf16 and emulate it, tens of times slower than fp32
+        args.dtype = "bf16" if args.device == "cuda" else "fp32"
     if args.out_dir is None:
         name = f"d{args.depth}s{args.stack_to}" if args.stacked else f"d{args.depth}"
         args.out_dir = os.path.join("runs", name)
@@ -409,17 +415,16 @@ class GPT(nn.Module):
         return ids[0, len(tokens):].tolist()
 
 
-def new_model(config, device):
-    """An uninitialized model on `device`; on CUDA its lookup tables are stored in bf16, as nanochat does."""
+def new_model(config, device, table_dtype=torch.float32):
+    """An uninitialized model on `device`. In bf16 runs its lookup tables are stored in bf16, as nanochat does."""
     model = GPT(config).to(device)
-    if device == "cuda":
-        for table in model.embeddings():
-            table.to(torch.bfloat16)  # only looked up, never multiplied: bf16 halves their memory
+    for table in model.embeddings():
+        table.to(table_dtype)  # only looked up, never multiplied: bf16 halves their memory
     return model
 
 
-def build_model(config, device):
-    model = new_model(config, device)
+def build_model(config, device, table_dtype=torch.float32):
+    model = new_model(config, device, table_dtype)
     model.init_weights()
     return model
 
@@ -438,9 +443,9 @@ POLAR_EXPRESS_COEFFS = [
 ]
 
 
-def polar_express(G):
-    """Orthogonalize a stack of matrices (n, rows, cols) in bf16."""
-    X = G.bfloat16()
+def polar_express(G, dtype=torch.bfloat16):
+    """Orthogonalize a stack of matrices (n, rows, cols), computing in `dtype` (bf16 on GPUs, as nanochat does)."""
+    X = G.to(dtype)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # all singular values now <= 1
     tall = X.size(-2) > X.size(-1)
     if tall:
@@ -472,10 +477,12 @@ class MuonAdamW(torch.optim.Optimizer):
     kind='muon' holds matrices of one shape and takes the Muon step: Nesterov momentum,
     Polar Express orthogonalization, NorMuon variance normalization, cautious weight decay.
     All state is per parameter, so it can follow its parameter through stacking.
+    polar_dtype: what Polar Express computes in (bf16 or fp32, from --dtype).
     """
 
-    def __init__(self, param_groups):
+    def __init__(self, param_groups, polar_dtype):
         super().__init__(param_groups, defaults={})
+        self.polar_dtype = polar_dtype
 
     @torch.no_grad()
     def step(self):
@@ -512,7 +519,7 @@ class MuonAdamW(torch.optim.Optimizer):
         mu = group["momentum"]
         torch._foreach_lerp_(momenta, grads, 1 - mu)  # m <- mu m + (1-mu) g
         update = torch.stack(torch._foreach_lerp(grads, momenta, mu))  # Nesterov: look ahead along m
-        update = polar_express(update)
+        update = polar_express(update, self.polar_dtype)
         variance = torch.stack([self.state[p]["variance"] for p in params])
         update = normalize_variance(update, variance, group["beta2"])
         torch._foreach_copy_([self.state[p]["variance"] for p in params], list(variance.unbind(0)))
@@ -545,7 +552,7 @@ def build_optimizer(model, args, batch_size, weight_decay):
                            momentum=0.95, beta2=0.95, weight_decay=weight_decay))
     grouped = [id(p) for g in groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters()), "every parameter must be in exactly one group"
-    optimizer = MuonAdamW(groups)
+    optimizer = MuonAdamW(groups, PRECISIONS[args.dtype])
     for g in optimizer.param_groups:
         g["initial_lr"] = g["lr"]
     return optimizer
@@ -658,7 +665,7 @@ def stack_model(shallow, growth_factor, grow="stack"):
     """
     n_layer = shallow.config.n_layer
     layer_map = growth_layer_map(n_layer, growth_factor, grow)
-    deep = new_model(stacked_config(shallow.config, layer_map), shallow.wte.weight.device.type)
+    deep = new_model(stacked_config(shallow.config, layer_map), shallow.wte.weight.device.type, shallow.wte.weight.dtype)
     grown = grow_tensors(shallow.state_dict(), layer_map)
     copies = range(n_layer, len(layer_map))
     if grow == "identity":
@@ -878,7 +885,9 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}: give the shallow.pt of a finished phase 1")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # CPU: every rank, whatever its GPU
+        with warnings.catch_warnings():  # torch warns about odd pickles; the refusal below says it in one line
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # CPU: every rank, whatever its GPU
     except Exception as e:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -916,7 +925,7 @@ def resume_point(args):
         raise UsageError(f"nothing to resume in {args.out_dir}: no checkpoint.pt or shallow.pt (start runs with --save-every N)")
     ckpt = max(found, key=lambda c: (c["phase"] != "shallow", c["step"]))  # a later phase, then a later step
     # the machine's settings come from this command, everything else from the run's own flags
-    saved = argparse.Namespace(**{**ckpt["args"], "resume": True, "device": args.device, "compile": args.compile, "out_dir": args.out_dir})
+    saved = argparse.Namespace(**{**ckpt["args"], "resume": True, "device": args.device, "compile": args.compile, "dtype": args.dtype, "out_dir": args.out_dir})
     return ckpt, saved
 
 
@@ -994,8 +1003,8 @@ def peak_flops(device):
     return next((peak for keys, peak in PEAK_BF16_FLOPS if all(k in name for k in keys)), None)
 
 
-def autocast_for(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+def autocast_for(device, dtype):
+    return torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
 
 def setup_distributed(device):
@@ -1133,6 +1142,51 @@ def grow(shallow, shallow_optimizer, deep_phase, args, ctx):
     return deep, optimizer
 
 
+# The README's quick start: what to run on a CPU instead of a plan sized for a GPU (a test keeps the two the same).
+CPU_QUICK_START = ("python stack_gpt.py --depth 2 --stack-to 4 --aspect-ratio 32 --head-dim 32 --seq-len 256 --device-batch-size 16 "
+                   "--total-batch-size 4096 --ratio 4 --shallow-ratio 1.25 --eval-every 100 --eval-tokens 65536")
+MEMORIZING_EPOCHS = 10  # past this many passes over the train tokens, a model starts to memorize them
+
+
+def measure_flops_per_second(config, args):
+    """
+    This machine's speed on this model: one forward and backward over one sequence of a scratch
+    copy (its random init runs on a forked RNG, so the run's own init is unchanged), timed on the
+    second call (the first pays for allocation and kernel selection), in FLOPs per second.
+    """
+    with torch.random.fork_rng(devices=[]):
+        model = new_model(config, args.device, PRECISIONS[args.dtype])
+    tokens = torch.zeros(1, args.seq_len, dtype=torch.long, device=args.device)
+    for _ in range(2):
+        start = time.perf_counter()
+        with autocast_for(args.device, args.dtype):
+            model(tokens, tokens).backward()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return model.flops_per_token() * args.seq_len / seconds
+
+
+def estimate_seconds(phases, args, val_tokens, flops_per_second):
+    """Training plus evaluations (forward only: a third of a training token's FLOPs), at the measured speed."""
+    seconds = 0
+    for p in phases:
+        evals = p.steps // args.eval_every + 1 + (p.steps % args.eval_every > 0) if args.eval_every else 1  # step 0, every N, the end
+        seconds += (p.flops + evals * val_tokens * p.flops_per_token / 3) / flops_per_second
+    return seconds
+
+
+def describe_cost(seconds, flops_per_second, args):
+    """The expected wall time, and the CPU command to run instead when that is days."""
+    days, hours, minutes = seconds / 86400, seconds / 3600, seconds / 60
+    when = f"{days:.1f} days" if days >= 2 else f"{hours:.1f} hours" if hours >= 2 else f"{minutes:.1f} minutes"
+    lines = [f"estimated time: about {when} on this {args.device} ({flops_per_second:.3g} FLOP/s in one timed forward and backward "
+             f"of the first model; optimizer steps not counted)"]
+    if days >= 1 and args.device == "cpu":
+        lines.append(f"this plan is sized for a GPU. On a CPU, try the README's quick start instead: {CPU_QUICK_START}")
+    return "\n".join(lines)
+
+
 def paper_growth_tokens(params, flops):
     """Du et al.'s fit for how many tokens to train before growing: log10 d = 0.88 log10 N + 163.27 / log10 C - 5.74."""
     return 10 ** (0.88 * math.log10(params) + 163.27 / math.log10(flops) - 5.74)
@@ -1158,12 +1212,15 @@ def describe_plan(phases, args, meta, flops_before=0):
         lines.append(f"growth after {phases[0].flops / total_flops:.1%} of the FLOPs and {tokens[0] / sum(tokens):.1%} of the tokens; "
                      f"the paper's fit for {deep_params:,} params and {total_flops:.2e} FLOPs grows after {fit:.3g} tokens"
                      + (" (beyond this whole run: its fit does not reach down to this scale)" if fit > sum(tokens) else ""))
+    if epochs > MEMORIZING_EPOCHS:
+        lines.append(f"this plan reads the train tokens {epochs:.0f} times: past about {MEMORIZING_EPOCHS} the model memorizes them and val bpb "
+                     f"stops meaning much; build a larger dataset (python prepare_data.py --dataset pylibs, or fineweb-edu) or lower --ratio")
     return "\n".join(lines)
 
 
 def restore(ckpt, args, ctx, same_data=True):
     """Model and optimizer from a checkpoint, with the RNG and (for the same data and seed) the data position it saved."""
-    model = new_model(ckpt["model_config"], args.device)
+    model = new_model(ckpt["model_config"], args.device, PRECISIONS[args.dtype])
     model.load_state_dict(ckpt["model"])
     optimizer = build_optimizer(model, args, ckpt["batch_size"], ckpt["weight_decay"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -1193,7 +1250,7 @@ def starting_point(phases, resume, init, args, ctx):
         ctx["log"](f"shallow model from {args.init_from} ({init['flops']:.3e} FLOPs spent); the deep phase reads "
                    + ("on from where it stopped" if same_data else "its data from the start (other data or seed)"))
         return model, optimizer, 0, 0
-    model = build_model(phases[0].config, args.device)
+    model = build_model(phases[0].config, args.device, PRECISIONS[args.dtype])
     return model, build_optimizer(model, args, phases[0].batch_size, phases[0].weight_decay), 0, 0
 
 
@@ -1216,7 +1273,7 @@ def run(args):
     baseline = read_metrics(args.baseline) if args.baseline else None
     phases = plan_phases(args, meta["vocab_size"], shallow_flops=init["flops"] if init else None, world=world)
     flops_before = init["flops"] if init else 0
-    ctx = dict(rank=rank, world=world, peak=peak_flops(args.device), autocast=autocast_for(args.device),
+    ctx = dict(rank=rank, world=world, peak=peak_flops(args.device), autocast=autocast_for(args.device, args.dtype),
                tokenizer=prepare_data.load_tokenizer(args.data), loader=TokenWindows(train_shards, args.seq_len, args.seed, args.device, rank, world),
                val=val_batches(val_shards, args, args.device)[rank::world], prompt=[int(t) for t in val_shards[0][:8]],
                token_bytes=torch.tensor(prepare_data.load_token_bytes(args.data), device=args.device), val_bpb={},
@@ -1227,7 +1284,11 @@ def run(args):
     log = ctx["log"] = RunLog(args.out_dir, enabled=rank == 0, lines=metrics_lines or 0)
     log(f"config: {json.dumps(vars(args))}")
     if not resume:
-        log(describe_plan(phases, args, meta, flops_before), kind="plan", phases=[{**asdict(p), "flops": p.flops} for p in phases])
+        flops_per_second = measure_flops_per_second(phases[0].config, args) * world
+        val_tokens = sum(x.numel() for x, _ in ctx["val"]) * world
+        seconds = estimate_seconds(phases, args, val_tokens, flops_per_second)
+        log(describe_plan(phases, args, meta, flops_before) + "\n" + describe_cost(seconds, flops_per_second, args),
+            kind="plan", phases=[{**asdict(p), "flops": p.flops} for p in phases], estimated_seconds=seconds)
     if args.device == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls outside autocast
     start = time.time()

@@ -7,6 +7,11 @@ config, on the CPU in fp32 (median of 30 steps after 5 warm-up steps):
 
 Run the two alternately a few times: they differ by less than the noise between runs.
 nanochat imports filelock (pip install filelock).
+
+    python experiments/bench_step.py ours --profile             # where our step's time goes
+
+--profile times forward, backward, optimizer and an evaluation forward separately (medians) and
+prints torch.profiler's top operators of the whole step.
 """
 
 import argparse
@@ -20,7 +25,10 @@ import torch
 p = argparse.ArgumentParser()
 p.add_argument("which", choices=["ours", "nanochat"])
 p.add_argument("--nanochat", help="path of a nanochat checkout")
+p.add_argument("--profile", action="store_true", help="break the step down into its parts and list the top operators")
 args = p.parse_args()
+if args.profile and args.which != "ours":
+    p.error("--profile breaks down our step only")
 sys.path.insert(0, args.nanochat or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.manual_seed(0)
 L, H, D, V, T, B = 4, 4, 128, 4096, 256, 16  # d4 at width 128, vocab 4096, 16 x 256 tokens a step
@@ -32,7 +40,7 @@ if args.which == "nanochat":
 else:
     import stack_gpt as sg
     model = sg.build_model(sg.GPTConfig(n_layer=L, n_head=H, n_embd=D, vocab_size=V, sequence_len=T, ve_layers=sg.default_ve_layers(L)), "cpu")
-    lrs = types.SimpleNamespace(matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5)
+    lrs = types.SimpleNamespace(matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5, dtype="fp32")
     optimizer = sg.build_optimizer(model, lrs, 2**19, 0.2)
 for group in optimizer.param_groups:
     if group["kind"] == "muon":
@@ -46,6 +54,43 @@ def step():
     model.zero_grad(set_to_none=True)
 
 
+def median_ms(fn, n=20):
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times)[n // 2]
+
+
+def profile():
+    for _ in range(5):
+        step()
+    state = {}
+    parts = {
+        "forward": lambda: state.update(loss=model(x, y)),
+        "backward": lambda: state.pop("loss").backward(),
+        "optimizer": lambda: (optimizer.step(), model.zero_grad(set_to_none=True)),
+    }
+    times = {name: [] for name in parts}
+    for _ in range(20):
+        for name, fn in parts.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+        print(f"{name}: {1000 * sorted(ts)[len(ts) // 2]:.1f} ms")
+    with torch.no_grad():
+        print(f"eval forward (reduction='none', no grad): {median_ms(lambda: model(x, y, reduction='none')):.1f} ms")
+    with torch.profiler.profile() as prof:
+        for _ in range(5):
+            step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if args.profile:
+    profile()
+    sys.exit()
 times = []
 for i in range(35):
     t0 = time.perf_counter()
