@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import prepare_data
-from prepare_data import DataError
+from prepare_data import DataError, finite_float
 
 CHECKPOINT_FORMAT = "stack-gpt-1"
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype
@@ -61,24 +61,24 @@ def get_parser():
     model_flags.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
     model_flags.add_argument("--seq-len", type=int, default=2048, help="context length in tokens")
     horizon_flags = p.add_argument_group("horizon")
-    horizon_flags.add_argument("--ratio", type=prepare_data.finite_float, default=10.5, help="data:param ratio of the baseline: the final-depth model trained at this ratio sets the FLOPs budget of the whole run")
-    horizon_flags.add_argument("--target-flops", type=prepare_data.finite_float, default=None, help="total FLOPs budget of the run (overrides --ratio)")
-    horizon_flags.add_argument("--shallow-ratio", type=prepare_data.finite_float, default=3.25, help="data:param ratio of the shallow phase")
+    horizon_flags.add_argument("--ratio", type=finite_float, default=10.5, help="data:param ratio of the baseline: the final-depth model trained at this ratio sets the FLOPs budget of the whole run")
+    horizon_flags.add_argument("--target-flops", type=finite_float, default=None, help="total FLOPs budget of the run (overrides --ratio)")
+    horizon_flags.add_argument("--shallow-ratio", type=finite_float, default=3.25, help="data:param ratio of the shallow phase")
     horizon_flags.add_argument("--shallow-steps", type=int, default=None, help="explicit number of shallow-phase steps (overrides --shallow-ratio)")
-    horizon_flags.add_argument("--deep-ratio", type=prepare_data.finite_float, default=None, help="data:param ratio of the deep phase (default: whatever fills the FLOPs budget)")
+    horizon_flags.add_argument("--deep-ratio", type=finite_float, default=None, help="data:param ratio of the deep phase (default: whatever fills the FLOPs budget)")
     horizon_flags.add_argument("--deep-steps", type=int, default=None, help="explicit number of steps of the deep (or only) phase")
     optim_flags = p.add_argument_group("optimization")
     optim_flags.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: nanochat's rule, 2^19 at d12, scaled by model size^0.383)")
     optim_flags.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass; gradients are accumulated up to the total batch")
-    optim_flags.add_argument("--matrix-lr", type=prepare_data.finite_float, default=0.02, help="Muon learning rate for the block matrices")
-    optim_flags.add_argument("--embedding-lr", type=prepare_data.finite_float, default=0.3, help="AdamW learning rate for token and value embeddings")
-    optim_flags.add_argument("--unembedding-lr", type=prepare_data.finite_float, default=0.004, help="AdamW learning rate for the lm_head")
-    optim_flags.add_argument("--scalar-lr", type=prepare_data.finite_float, default=0.5, help="AdamW learning rate for x0_lambdas (resid_lambdas get 1%% of it)")
-    optim_flags.add_argument("--weight-decay", type=prepare_data.finite_float, default=0.2, help="Muon cautious weight decay at d12 (scaled with batch and horizon)")
-    optim_flags.add_argument("--warmup-ratio", type=prepare_data.finite_float, default=0.0, help="fraction of each phase (of the whole run with --schedule global) spent in linear LR warmup")
-    optim_flags.add_argument("--warmdown-ratio", type=prepare_data.finite_float, default=None, help="fraction of the deep (or only) phase spent decaying the LR (default: 1.0 after stacking, 0.5 for a baseline or a global schedule)")
-    optim_flags.add_argument("--shallow-warmdown-ratio", type=prepare_data.finite_float, default=0.0, help="warmdown ratio of the shallow phase")
-    optim_flags.add_argument("--final-lr-frac", type=prepare_data.finite_float, default=0.0, help="LR multiplier at the end of warmdown")
+    optim_flags.add_argument("--matrix-lr", type=finite_float, default=0.02, help="Muon learning rate for the block matrices")
+    optim_flags.add_argument("--embedding-lr", type=finite_float, default=0.3, help="AdamW learning rate for token and value embeddings")
+    optim_flags.add_argument("--unembedding-lr", type=finite_float, default=0.004, help="AdamW learning rate for the lm_head")
+    optim_flags.add_argument("--scalar-lr", type=finite_float, default=0.5, help="AdamW learning rate for x0_lambdas (resid_lambdas get 1%% of it)")
+    optim_flags.add_argument("--weight-decay", type=finite_float, default=0.2, help="Muon cautious weight decay at d12 (scaled with batch and horizon)")
+    optim_flags.add_argument("--warmup-ratio", type=finite_float, default=0.0, help="fraction of each phase (of the whole run with --schedule global) spent in linear LR warmup")
+    optim_flags.add_argument("--warmdown-ratio", type=finite_float, default=None, help="fraction of the deep (or only) phase spent decaying the LR (default: 1.0 after stacking, 0.5 for a baseline or a global schedule)")
+    optim_flags.add_argument("--shallow-warmdown-ratio", type=finite_float, default=0.0, help="warmdown ratio of the shallow phase")
+    optim_flags.add_argument("--final-lr-frac", type=finite_float, default=0.0, help="LR multiplier at the end of warmdown")
     evaluation_flags = p.add_argument_group("evaluation and logging")
     evaluation_flags.add_argument("--eval-every", type=int, default=250, help="evaluate val bpb every N steps (and at the end of each phase); 0 = only at the end")
     evaluation_flags.add_argument("--eval-tokens", type=int, default=40 * REFERENCE_BATCH, help="number of val tokens per evaluation (the same ones every time; nanochat's size)")
@@ -1144,19 +1144,22 @@ def grow(shallow, shallow_optimizer, deep_phase, args, ctx):
 
 # The README's quick start: what to run on a CPU instead of a plan sized for a GPU (a test keeps the two the same).
 CPU_QUICK_START = ("python stack_gpt.py --depth 2 --stack-to 4 --aspect-ratio 32 --head-dim 32 --seq-len 256 --device-batch-size 16 "
-                   "--total-batch-size 4096 --ratio 4 --shallow-ratio 1.25 --eval-every 100 --eval-tokens 65536")
+                   "--total-batch-size 4096 --ratio 2.5 --shallow-ratio 1.25 --eval-every 100 --eval-tokens 65536")
 MEMORIZING_EPOCHS = 10  # past this many passes over the train tokens, a model starts to memorize them
 
 
 def measure_flops_per_second(config, args):
     """
-    This machine's speed on this model: one forward and backward over one sequence of a scratch
-    copy (its random init runs on a forked RNG, so the run's own init is unchanged), timed on the
-    second call (the first pays for allocation and kernel selection), in FLOPs per second.
+    This machine's speed on this model: one forward and backward of a scratch copy (its random init
+    runs on a forked RNG, so the run's own init is unchanged) over one micro-batch, or fewer rows
+    where that would take long on a CPU, timed on the second call (the first pays for allocation
+    and kernel selection), in FLOPs per second.
     """
     with torch.random.fork_rng(devices=[]):
         model = new_model(config, args.device, PRECISIONS[args.dtype])
-    tokens = torch.zeros(1, args.seq_len, dtype=torch.long, device=args.device)
+    row_flops = model.flops_per_token() * args.seq_len
+    rows = max(1, min(args.device_batch_size, int(1e11 // row_flops)))  # up to 1e11 FLOPs: about a second on a CPU
+    tokens = torch.zeros(rows, args.seq_len, dtype=torch.long, device=args.device)
     for _ in range(2):
         start = time.perf_counter()
         with autocast_for(args.device, args.dtype):
@@ -1164,7 +1167,7 @@ def measure_flops_per_second(config, args):
         if args.device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-    return model.flops_per_token() * args.seq_len / seconds
+    return row_flops * rows / seconds
 
 
 def estimate_seconds(phases, args, val_tokens, flops_per_second):
@@ -1180,7 +1183,7 @@ def describe_cost(seconds, flops_per_second, args):
     """The expected wall time, and the CPU command to run instead when that is days."""
     days, hours, minutes = seconds / 86400, seconds / 3600, seconds / 60
     when = f"{days:.1f} days" if days >= 2 else f"{hours:.1f} hours" if hours >= 2 else f"{minutes:.1f} minutes"
-    lines = [f"estimated time: about {when} on this {args.device} ({flops_per_second:.3g} FLOP/s in one timed forward and backward "
+    lines = [f"estimated time: about {when} on this {args.device} ({flops_per_second:.3g} FLOP/s in a timed forward and backward "
              f"of the first model; optimizer steps not counted)"]
     if days >= 1 and args.device == "cpu":
         lines.append(f"this plan is sized for a GPU. On a CPU, try the README's quick start instead: {CPU_QUICK_START}")
