@@ -1354,41 +1354,47 @@ def test_init_from_checkpoint_that_does_not_fit(capsys, tiny_run, tiny_data, tmp
 # -----------------------------------------------------------------------------
 # The GPU path (bf16 autocast, bf16 tables and Polar Express, torch.compile), run on the CPU too
 
-@pytest.fixture(scope="session")
-def bf16_run(tiny_data, tmp_path_factory):
-    """The tiny stacked run in the GPU's precision, recording the dtypes Polar Express computed in."""
-    out = str(tmp_path_factory.mktemp("runs") / "bf16")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        seen = spy_on_polar_express(monkeypatch)
-        sg.main(TINY + ["--data", tiny_data, "--out-dir", out, "--device", "cpu", "--dtype", "bf16"])
-    return out, seen
+SHORT_BASELINE = ["--depth", "1"] + TINY[4:] + ["--deep-steps", "4", "--eval-every", "0", "--sample-tokens", "0", "--device", "cpu"]
 
 
 def train_losses(run_dir):
     return [r["raw_loss"] for r in read_metrics(run_dir) if r["kind"] == "train"]
 
 
-def test_bf16_on_the_cpu_trains_like_fp32(bf16_run, tiny_run):
+def final_bpb(run_dir):
+    return read_metrics(run_dir)[-1]["val_bpb"]["baseline"]
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tiny_data, tmp_path_factory):
+    """A short run in the GPU's precision (eager), recording the dtypes Polar Express computed in."""
+    out = str(tmp_path_factory.mktemp("runs") / "bf16")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        seen = spy_on_polar_express(monkeypatch)
+        sg.main(SHORT_BASELINE + ["--data", tiny_data, "--out-dir", out, "--dtype", "bf16"])
+    return out, seen
+
+
+def test_bf16_on_the_cpu_trains_like_fp32(bf16_run, tiny_data, tmp_path):
     out, polar_dtypes = bf16_run
-    bf16, fp32 = train_losses(out), train_losses(tiny_run)
+    fp32_run = str(tmp_path / "fp32")
+    sg.main(SHORT_BASELINE + ["--data", tiny_data, "--out-dir", fp32_run])
+    bf16, fp32 = train_losses(out), train_losses(fp32_run)
     assert set(polar_dtypes) == {torch.bfloat16}
     assert bf16 != fp32  # autocast really changed the arithmetic ...
-    assert bf16 == pytest.approx(fp32, rel=0.02)  # ... by rounding, not by breaking the model
+    assert bf16 == pytest.approx(fp32, rel=0.02) and final_bpb(out) == pytest.approx(final_bpb(fp32_run), rel=0.02)  # ... by rounding only
     ckpt = sg.load_checkpoint(os.path.join(out, "final.pt"))
     assert ckpt["model"]["wte.weight"].dtype == torch.bfloat16 and ckpt["model"]["lm_head.weight"].dtype == torch.float32
     assert ckpt["args"]["dtype"] == "bf16"
 
 
-def test_compiled_bf16_run_on_the_cpu_matches_eager(tiny_data, tmp_path):
+def test_compiled_bf16_run_on_the_cpu_matches_eager(bf16_run, tiny_data, tmp_path):
     """The GPU path (bf16 and compile: training steps and an evaluation) by inductor on the CPU; one phase keeps compiling short."""
-    runs = {}
-    for name, extra in (("eager", []), ("compiled", ["--compile"])):
-        runs[name] = str(tmp_path / name)
-        sg.main(["--depth", "1"] + TINY[4:] + ["--data", tiny_data, "--out-dir", runs[name], "--deep-steps", "4", "--eval-every", "0",
-                                               "--sample-tokens", "0", "--device", "cpu", "--dtype", "bf16"] + extra)
-    assert train_losses(runs["compiled"]) == pytest.approx(train_losses(runs["eager"]), rel=0.01)
-    final_bpb = lambda run: read_metrics(run)[-1]["val_bpb"]["baseline"]
-    assert final_bpb(runs["compiled"]) == pytest.approx(final_bpb(runs["eager"]), rel=0.01)
+    out = str(tmp_path / "compiled")
+    sg.main(SHORT_BASELINE + ["--data", tiny_data, "--out-dir", out, "--dtype", "bf16", "--compile"])
+    eager, _ = bf16_run
+    assert train_losses(out) == pytest.approx(train_losses(eager), rel=0.01)
+    assert final_bpb(out) == pytest.approx(final_bpb(eager), rel=0.01)
 
 
 # CUDA only: MFU and the real thing

@@ -7,7 +7,8 @@ Check stack_gpt.py's model and optimizer against nanochat's (we used commit 4585
    fp32 on the CPU. Expect identical losses (nanochat keeps its rotary tables in bf16; so do we).
 2. Optimizer: the same weights and gradients, three Muon/AdamW steps in each, comparing every
    parameter's update. nanochat runs Polar Express in bf16, which alone moves its update by a few
-   percent against fp32, so we run both in fp32 (bf16 casts replaced) to compare the math itself.
+   percent against fp32, so we run both in fp32 (ours with dtype fp32, nanochat's bf16 casts replaced) to
+   compare the math itself.
    Expect differences of a few 1e-6 (up to ~3e-5); where a product update x weight lies within
    rounding of zero, the cautious weight-decay mask can flip, which shows as up to ~1e-3.
 nanochat compiles its optimizer kernels; here they run as plain Python.
