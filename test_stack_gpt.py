@@ -1,5 +1,5 @@
 """
-Tests for stack_gpt.py and prepare_data.py. CPU only, no network, a few minutes on 2 cores:
+Tests for stack_gpt.py and prepare_data.py. CPU only, no network, under 2 minutes on 2 cores:
     python -m pytest test_stack_gpt.py
 CUDA tests run only where a GPU is visible.
 """
