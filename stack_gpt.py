@@ -64,12 +64,14 @@ def get_parser():
     horizon_flags.add_argument("--ratio", type=finite_float, default=10.5, help="data:param ratio of the baseline: the final-depth model trained at this ratio sets the FLOPs budget of the whole run")
     horizon_flags.add_argument("--target-flops", type=finite_float, default=None, help="total FLOPs budget of the run (overrides --ratio)")
     horizon_flags.add_argument("--shallow-ratio", type=finite_float, default=3.25, help="data:param ratio of the shallow phase")
+    horizon_flags.add_argument("--grow-at", type=finite_float, default=None, help="grow after this share of the FLOPs budget, between 0 and 1 (overrides --shallow-ratio)")
     horizon_flags.add_argument("--shallow-steps", type=int, default=None, help="explicit number of shallow-phase steps (overrides --shallow-ratio)")
     horizon_flags.add_argument("--deep-ratio", type=finite_float, default=None, help="data:param ratio of the deep phase (default: whatever fills the FLOPs budget)")
     horizon_flags.add_argument("--deep-steps", type=int, default=None, help="explicit number of steps of the deep (or only) phase")
     optim_flags = p.add_argument_group("optimization")
     optim_flags.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: nanochat's rule, 2^19 at d12, scaled by model size^0.383)")
     optim_flags.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass; gradients are accumulated up to the total batch")
+    optim_flags.add_argument("--lr-scale", type=finite_float, default=1.0, help="multiplies every learning rate below (a one-knob LR sweep)")
     optim_flags.add_argument("--matrix-lr", type=finite_float, default=0.02, help="Muon learning rate for the block matrices")
     optim_flags.add_argument("--embedding-lr", type=finite_float, default=0.3, help="AdamW learning rate for token and value embeddings")
     optim_flags.add_argument("--unembedding-lr", type=finite_float, default=0.004, help="AdamW learning rate for the lm_head")
@@ -108,7 +110,7 @@ def get_parser():
 def resolve_args(argv=None):
     """Parse the flags, check them, and fill in the defaults that depend on other flags."""
     args = get_parser().parse_args(argv)
-    positive = ["depth", "aspect_ratio", "head_dim", "seq_len", "ratio", "target_flops", "shallow_ratio", "shallow_steps",
+    positive = ["depth", "aspect_ratio", "head_dim", "seq_len", "ratio", "target_flops", "shallow_ratio", "shallow_steps", "lr_scale",
                 "deep_ratio", "deep_steps", "total_batch_size", "device_batch_size", "log_every"]
     for name in positive:
         value = getattr(args, name, None)
@@ -128,6 +130,8 @@ def resolve_args(argv=None):
         raise UsageError(f"--warmup-ratio {args.warmup_ratio} is longer than the phase: give a fraction of it, at most 1")
     if args.stack_to is not None and (args.stack_to <= args.depth or args.stack_to % args.depth):
         raise UsageError(f"--stack-to {args.stack_to} must be a larger multiple of --depth {args.depth} (e.g. --depth 6 --stack-to 12)")
+    if args.grow_at is not None and not (0 < args.grow_at < 1 and args.stack_to):
+        raise UsageError(f"--grow-at {args.grow_at} is a share of the budget: give a number between 0 and 1, and --stack-to")
     if args.init_from and args.stack_to is None:
         raise UsageError("--init-from starts the deep phase from a shallow checkpoint: give --stack-to too")
     args.stacked = args.stack_to is not None
@@ -534,21 +538,21 @@ def build_optimizer(model, args, batch_size, weight_decay):
     """
     The parameter groups and their learning rates. nanochat's rules: every LR scales with
     sqrt(B / 2^19) (bigger batches take bigger steps); embedding and head LRs also with
-    1/sqrt(width/768), because their updates add up over the width.
+    1/sqrt(width/768), because their updates add up over the width. --lr-scale multiplies them all.
     """
-    batch_scale = (batch_size / REFERENCE_BATCH) ** 0.5
+    scale = args.lr_scale * (batch_size / REFERENCE_BATCH) ** 0.5
     width_scale = (model.config.n_embd / 768) ** -0.5
     tables = [e.weight for e in model.embeddings()]
     matrices = [p for b in model.blocks for p in b.parameters() if p.ndim == 2 and all(p is not t for t in tables)]
     adamw = dict(kind="adamw", betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
     groups = [
-        dict(adamw, params=[model.lm_head.weight], lr=args.unembedding_lr * width_scale * batch_scale),
-        dict(adamw, params=tables, lr=args.embedding_lr * width_scale * batch_scale),
-        dict(adamw, params=[model.resid_lambdas], lr=args.scalar_lr * 0.01 * batch_scale),
-        dict(adamw, params=[model.x0_lambdas], lr=args.scalar_lr * batch_scale, betas=(0.96, 0.95)),
+        dict(adamw, params=[model.lm_head.weight], lr=args.unembedding_lr * width_scale * scale),
+        dict(adamw, params=tables, lr=args.embedding_lr * width_scale * scale),
+        dict(adamw, params=[model.resid_lambdas], lr=args.scalar_lr * 0.01 * scale),
+        dict(adamw, params=[model.x0_lambdas], lr=args.scalar_lr * scale, betas=(0.96, 0.95)),
     ]
     for shape in sorted({p.shape for p in matrices}):  # Muon works on a stack of same-shape matrices at once
-        groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=args.matrix_lr * batch_scale,
+        groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=args.matrix_lr * scale,
                            momentum=0.95, beta2=0.95, weight_decay=weight_decay))
     grouped = [id(p) for g in groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters()), "every parameter must be in exactly one group"
@@ -719,10 +723,14 @@ def evaluate_bpb(model, val_batches, token_bytes, autocast):
 
 
 def val_batches(val_shards, args, device):
-    """The same first eval_tokens of the val stream each time, in device-sized batches."""
+    """
+    The same eval_tokens each time, in device-sized batches: windows spread evenly over the whole
+    val split, so that a small eval still samples every part of it, not only its first documents.
+    """
     windows = TokenWindows(val_shards, args.seq_len, seed=0, device=device)
     n = min(args.eval_tokens // args.seq_len, windows.num_windows)
-    rows = [windows.window(i) for i in range(n)]
+    spread = np.linspace(0, windows.num_windows - 1, n).round().astype(int)  # n distinct ids: their spacing is >= 1
+    rows = [windows.window(i) for i in spread]
     batches = []
     for i in range(0, n, args.device_batch_size):
         batch = torch.from_numpy(np.stack(rows[i:i + args.device_batch_size]).astype(np.int64)).to(device)
@@ -795,7 +803,12 @@ def plan_phases(args, vocab_size, shallow_flops=None, world=1):
         if shallow_flops is None:
             params, flops_per_token = measure(shallow_config)
             shallow_batch, shallow_wd = batch_and_weight_decay(params, ref_params, args)
-            steps = args.shallow_steps or int(args.shallow_ratio * params) // shallow_batch
+            if args.shallow_steps:
+                steps = args.shallow_steps
+            elif args.grow_at is not None:
+                steps = round(args.grow_at * budget / (flops_per_token * shallow_batch))  # the nearest whole step to that share
+            else:
+                steps = int(args.shallow_ratio * params) // shallow_batch
             if steps == 0:
                 raise UsageError(f"--shallow-ratio {args.shallow_ratio} gives 0 shallow steps of {shallow_batch} tokens: raise it")
             phases.append(Phase("shallow", shallow_config, steps, shallow_batch, flops_per_token, shallow_wd, args.shallow_warmdown_ratio))
@@ -925,7 +938,8 @@ def resume_point(args):
         raise UsageError(f"nothing to resume in {args.out_dir}: no checkpoint.pt or shallow.pt (start runs with --save-every N)")
     ckpt = max(found, key=lambda c: (c["phase"] != "shallow", c["step"]))  # a later phase, then a later step
     # the machine's settings come from this command, everything else from the run's own flags
-    saved = argparse.Namespace(**{**ckpt["args"], "resume": True, "device": args.device, "compile": args.compile, "dtype": args.dtype, "out_dir": args.out_dir})
+    defaults = vars(get_parser().parse_args([]))  # flags added since the checkpoint was written take their defaults
+    saved = argparse.Namespace(**{**defaults, **ckpt["args"], "resume": True, "device": args.device, "compile": args.compile, "dtype": args.dtype, "out_dir": args.out_dir})
     return ckpt, saved
 
 

@@ -527,6 +527,17 @@ def test_bits_per_byte_hand_computation():
     assert bpb == pytest.approx(nats / (math.log(2) * bytes_), rel=1e-5)
 
 
+def test_val_windows_are_spread_over_the_whole_split():
+    """A small eval samples all of the val split, not its first documents; the same windows every time."""
+    shards = [np.arange(1000, dtype=np.uint16), np.arange(1000, 1401, dtype=np.uint16)]  # 10 + 4 windows, one every 99 tokens
+    args = types.SimpleNamespace(seq_len=99, eval_tokens=4 * 99, device_batch_size=3)
+    batches = sg.val_batches(shards, args, "cpu")
+    firsts = [int(x[row, 0]) for x, _ in batches for row in range(x.size(0))]
+    assert firsts == [0, 4 * 99, 9 * 99, 1000 + 3 * 99]  # windows 0, 4, 9, 13 of 14: the first, the last and evenly between
+    assert [x.shape[0] for x, _ in batches] == [3, 1]
+    assert firsts == [int(x[row, 0]) for x, _ in sg.val_batches(shards, args, "cpu") for row in range(x.size(0))]
+
+
 def test_causal_model_ignores_future_tokens():
     model = trained_looking(tiny_config())
     idx = torch.randint(0, 100, (1, 16))
@@ -589,7 +600,7 @@ def test_adamw_group_matches_torch_adamw():
 
 
 def optimizer_args(**kw):
-    return types.SimpleNamespace(**{**dict(matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5, dtype="fp32"), **kw})
+    return types.SimpleNamespace(**{**dict(matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5, lr_scale=1.0, dtype="fp32"), **kw})
 
 
 def test_every_parameter_in_exactly_one_group_with_nanochat_lrs():
@@ -607,6 +618,12 @@ def test_every_parameter_in_exactly_one_group_with_nanochat_lrs():
     muon = [g for g in opt.param_groups if g["kind"] == "muon"]
     assert {p.shape for g in muon for p in g["params"]} == {(192, 192), (768, 192), (192, 768), (3, 32)}
     assert all(g["lr"] == pytest.approx(0.02 * batch) and g["weight_decay"] == 0.1 for g in muon)
+
+
+def test_lr_scale_multiplies_every_group():
+    model = sg.GPT(tiny_config())
+    plain, scaled = (sg.build_optimizer(model, optimizer_args(lr_scale=k), 2**17, 0.1) for k in (1.0, 2.5))
+    assert [g["lr"] for g in scaled.param_groups] == pytest.approx([2.5 * g["lr"] for g in plain.param_groups])
 
 
 def test_muon_step_direction_and_cautious_decay():
@@ -840,6 +857,17 @@ def test_a_gpu_sized_plan_on_a_cpu_says_what_it_costs():
 def test_the_readme_quick_start_is_the_one_the_script_suggests():
     with open(os.path.join(HERE, "README.md")) as f:
         assert sg.CPU_QUICK_START in f.read().replace("\n", " ")
+
+
+@pytest.mark.parametrize("share", [0.2, 0.8])
+def test_grow_at_puts_growth_at_that_share_of_the_budget(share):
+    args = sg.resolve_args(["--depth", "2", "--stack-to", "4", "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "256",
+                            "--total-batch-size", "4096", "--device-batch-size", "16", "--grow-at", str(share), "--device", "cpu"])
+    shallow, deep = sg.plan_phases(args, vocab_size=2048)
+    baseline, = sg.plan_phases(sg.resolve_args(["--depth", "4", "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "256",
+                                                "--total-batch-size", "4096", "--device-batch-size", "16", "--device", "cpu"]), vocab_size=2048)
+    assert abs(shallow.flops - share * baseline.flops) <= shallow.step_flops / 2  # the nearest whole step
+    assert abs(shallow.flops + deep.flops - baseline.flops) <= deep.step_flops / 2  # and the whole run still costs the baseline's
 
 
 def test_a_shallow_phase_of_zero_steps_is_refused():
@@ -1260,6 +1288,9 @@ def test_bad_input_exits_2_without_traceback(tmp_path):
     (["--eval-tokens", "100", "--seq-len", "256"], "at least --seq-len 256"),
     (["--head-dim", "33"], "must be even"),
     (["--warmup-ratio", "1.5"], "at most 1"),
+    (["--lr-scale", "0"], "--lr-scale must be positive"),
+    (["--depth", "2", "--stack-to", "4", "--grow-at", "1.2"], "between 0 and 1"),
+    (["--grow-at", "0.5"], "and --stack-to"),
     (["--depth", "1", "--aspect-ratio", "16", "--head-dim", "8"], "narrower than the 32 channels"),
 ])
 def test_bad_flags(capsys, tmp_path, argv, fragment):
@@ -1271,7 +1302,7 @@ def test_bad_flags(capsys, tmp_path, argv, fragment):
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_every_float_flag_refuses_nan_and_infinity(capsys, tmp_path, value):
     float_flags = [a.option_strings[0] for a in sg.get_parser()._actions if a.type not in (None, int, str)]
-    assert "--ratio" in float_flags and "--final-lr-frac" in float_flags and len(float_flags) == 13
+    assert {"--ratio", "--lr-scale", "--final-lr-frac", "--weight-decay"} <= set(float_flags)
     for flag in float_flags:
         argv = [f"{flag}={value}", "--out-dir", str(tmp_path / "run"), "--data", str(tmp_path / "no-data")]
         expect_usage_error(capsys, argv, f"argument {flag}: must be a finite number")

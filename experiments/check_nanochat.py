@@ -67,7 +67,7 @@ for L, H, D, V, T in [(4, 2, 128, 1000, 64), (3, 4, 256, 4096, 32), (5, 1, 64, 3
     loss_theirs.backward()
     loss_ours.backward()
     opt_theirs = theirs.setup_optimizer(unembedding_lr=0.004, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.2, scalar_lr=0.5)
-    lrs = types.SimpleNamespace(matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5, dtype="fp32")
+    lrs = types.SimpleNamespace(matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5, lr_scale=1.0, dtype="fp32")
     opt_ours = sg.build_optimizer(ours, lrs, 2**19, 0.2)
     named_theirs, named_ours = dict(theirs.named_parameters()), dict(ours.named_parameters())
     for step in range(3):
