@@ -40,6 +40,10 @@ RECIPES = {"g4": ["--depth", "1", "--stack-to", "4"], "interleave": STACKED + ["
            # the best combination found (experiments.md says how it was chosen): the plain stack with the
            # deep-phase warmdown that won the warmdown sweep, 0.5 (nanochat's default and the baseline's)
            "combo": STACKED + ["--warmdown-ratio", "0.5"]}
+# Part 2 (experiments.md): tune the baseline before comparing with it. Every run from here on uses the
+# code from commit 9aabd29 on: fp32 Polar Express on the CPU, val windows spread over the whole val split.
+LR_SCALES = ("0.5", "1", "2", "4")  # --lr-scale: all groups' LRs together, at the baseline's warmdown 0.5
+TUNING_SEEDS = (0, 1)
 
 
 def sweeps():
@@ -58,7 +62,8 @@ def sweeps():
     mini = [("d2", ["--depth", "2"])]
     mini += [(f"d{d // 2}s{d}", ["--depth", str(d // 2), "--stack-to", str(d), "--shallow-ratio", "10.5", "--deep-ratio", "10.5"] + default_schedule)
              for d in (2, 4)]
-    return {"fixed-flops": fixed, "recipes": recipes, "warmdown": warmdown, "miniseries": mini}
+    tune_lr = [(f"lr{m}-s{s}", ["--depth", "4", "--lr-scale", m, "--seed", str(s)]) for s in TUNING_SEEDS for m in LR_SCALES]
+    return {"fixed-flops": fixed, "recipes": recipes, "warmdown": warmdown, "miniseries": mini, "tune-lr": tune_lr}
 
 
 def command(sweep, name, flags):
@@ -196,6 +201,18 @@ def versus_plain_stack(recipes):
     return lines
 
 
+def tuning_table():
+    """Part 2, step 1: the baseline's final val bpb at each LR multiplier, by seed and on average (the decision rule's input)."""
+    lines = ["| --lr-scale | " + " | ".join(f"seed {s}" for s in TUNING_SEEDS) + " | mean |", "|---|" + "---|" * (len(TUNING_SEEDS) + 1)]
+    for m in LR_SCALES:
+        bpb = [records("tune-lr", f"lr{m}-s{s}")[-1]["val_bpb"]["baseline"] if finished("tune-lr", f"lr{m}-s{s}") else None for s in TUNING_SEEDS]
+        done = [b for b in bpb if b is not None]
+        if done:
+            lines.append(f"| {m} | " + " | ".join("todo" if b is None else f"{b:.4f}" for b in bpb) +
+                         f" | {statistics.mean(done):.4f}{'' if len(done) == len(bpb) else ' (partial)'} |")
+    return lines
+
+
 def baseline_records(seed):
     return records("fixed-flops", f"baseline-s{seed}") if finished("fixed-flops", f"baseline-s{seed}") else None
 
@@ -221,6 +238,8 @@ def report():
     for depth, base, stacked in pairs:
         out += [f"## Miniseries at target depth {depth[1:]} (both phases at ratio 10.5, seed 0)", "",
                 sg.format_report([sg.acceleration(records(*base), records("miniseries", stacked), stacked)]), ""]
+    if any(finished("tune-lr", name) for name, _ in sweeps()["tune-lr"]):
+        out += ["## Part 2: the baseline's LR multiplier (d4, warmdown 0.5)", ""] + tuning_table() + [""]
     print("\n".join(out))
     plots(base_runs)
 
