@@ -1183,6 +1183,15 @@ def test_resume_without_a_checkpoint(capsys, tmp_path):
     expect_usage_error(capsys, ["--resume", "--out-dir", str(tmp_path)], "--save-every")
 
 
+def test_resume_of_a_checkpoint_older_than_a_flag_takes_its_default(tiny_run, tmp_path):
+    ckpt = torch.load(os.path.join(tiny_run, "shallow.pt"), weights_only=True)
+    for newer in ("lr_scale", "grow_at", "dtype"):
+        del ckpt["args"][newer]
+    torch.save(ckpt, tmp_path / "shallow.pt")
+    _, saved = sg.resume_point(sg.resolve_args(["--resume", "--out-dir", str(tmp_path), "--device", "cpu"]))
+    assert (saved.lr_scale, saved.grow_at, saved.dtype, saved.depth) == (1.0, None, "fp32", 1)
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo this should never run",))
