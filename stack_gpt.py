@@ -102,7 +102,7 @@ def get_parser():
     run_flags.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     run_flags.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on for CUDA, off for CPU)")
     run_flags.add_argument("--dtype", choices=PRECISIONS, default=None, help="bf16: autocast matmuls, bf16 lookup tables and Polar Express (the GPU path); "
-                           "fp32: everything in fp32 (default: bf16 on CUDA, fp32 on CPU, where bf16 is often emulated and slow)")
+                           "fp32: all but the rotary tables (bf16, as nanochat's) in fp32 (default: bf16 on CUDA, fp32 on CPU, where bf16 is often emulated and slow)")
     run_flags.add_argument("--seed", type=int, default=0, help="seed for the initialization and the data order")
     return p
 
@@ -132,6 +132,8 @@ def resolve_args(argv=None):
         raise UsageError(f"--stack-to {args.stack_to} must be a larger multiple of --depth {args.depth} (e.g. --depth 6 --stack-to 12)")
     if args.grow_at is not None and not (0 < args.grow_at < 1 and args.stack_to):
         raise UsageError(f"--grow-at {args.grow_at} is a share of the budget: give a number between 0 and 1, and --stack-to")
+    if args.grow_at is not None and (args.shallow_steps or args.init_from):
+        raise UsageError("--grow-at sets the shallow phase's length: leave out --shallow-steps and --init-from")
     if args.init_from and args.stack_to is None:
         raise UsageError("--init-from starts the deep phase from a shallow checkpoint: give --stack-to too")
     args.stacked = args.stack_to is not None
@@ -447,7 +449,7 @@ POLAR_EXPRESS_COEFFS = [
 ]
 
 
-def polar_express(G, dtype=torch.bfloat16):
+def polar_express(G, dtype):
     """Orthogonalize a stack of matrices (n, rows, cols), computing in `dtype` (bf16 on GPUs, as nanochat does)."""
     X = G.to(dtype)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # all singular values now <= 1
@@ -810,7 +812,7 @@ def plan_phases(args, vocab_size, shallow_flops=None, world=1):
             else:
                 steps = int(args.shallow_ratio * params) // shallow_batch
             if steps == 0:
-                raise UsageError(f"--shallow-ratio {args.shallow_ratio} gives 0 shallow steps of {shallow_batch} tokens: raise it")
+                raise UsageError(f"the shallow phase gets 0 steps of {shallow_batch} tokens: raise --shallow-ratio (or --grow-at)")
             phases.append(Phase("shallow", shallow_config, steps, shallow_batch, flops_per_token, shallow_wd, args.shallow_warmdown_ratio))
             shallow_flops = phases[0].flops
     # The deep model has the baseline's shape (with an odd shallow depth, more value-embedding tables and
@@ -1164,15 +1166,15 @@ MEMORIZING_EPOCHS = 10  # past this many passes over the train tokens, a model s
 
 def measure_flops_per_second(config, args):
     """
-    This machine's speed on this model: one forward and backward of a scratch copy (its random init
-    runs on a forked RNG, so the run's own init is unchanged) over one micro-batch, or fewer rows
-    where that would take long on a CPU, timed on the second call (the first pays for allocation
-    and kernel selection), in FLOPs per second.
+    This machine's speed on this model: one eager forward and backward of a scratch copy (its
+    random init runs on a forked RNG, so the run's own init is unchanged) over one micro-batch, or
+    fewer rows where that would take long on a CPU, timed on the second call (the first pays for
+    allocation and kernel selection), in FLOPs per second. A compiled run is faster than this.
     """
     with torch.random.fork_rng(devices=[]):
         model = new_model(config, args.device, PRECISIONS[args.dtype])
     row_flops = model.flops_per_token() * args.seq_len
-    rows = max(1, min(args.device_batch_size, int(1e11 // row_flops)))  # up to 1e11 FLOPs: about a second on a CPU
+    rows = args.device_batch_size if args.device == "cuda" else max(1, min(args.device_batch_size, int(1e11 // row_flops)))  # CPU: ~1 s
     tokens = torch.zeros(rows, args.seq_len, dtype=torch.long, device=args.device)
     for _ in range(2):
         start = time.perf_counter()
@@ -1181,6 +1183,8 @@ def measure_flops_per_second(config, args):
         if args.device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the summary's peak memory is the run's, not this copy's
     return row_flops * rows / seconds
 
 
@@ -1197,7 +1201,7 @@ def describe_cost(seconds, flops_per_second, args):
     """The expected wall time, and the CPU command to run instead when that is days."""
     days, hours, minutes = seconds / 86400, seconds / 3600, seconds / 60
     when = f"{days:.1f} days" if days >= 2 else f"{hours:.1f} hours" if hours >= 2 else f"{minutes:.1f} minutes"
-    lines = [f"estimated time: about {when} on this {args.device} ({flops_per_second:.3g} FLOP/s in a timed forward and backward "
+    lines = [f"estimated time: about {when} on this {args.device} ({flops_per_second:.3g} FLOP/s in a timed eager forward and backward "
              f"of the first model; optimizer steps not counted)"]
     if days >= 1 and args.device == "cpu":
         lines.append(f"this plan is sized for a GPU. On a CPU, try the README's quick start instead: {CPU_QUICK_START}")
@@ -1290,9 +1294,10 @@ def run(args):
     baseline = read_metrics(args.baseline) if args.baseline else None
     phases = plan_phases(args, meta["vocab_size"], shallow_flops=init["flops"] if init else None, world=world)
     flops_before = init["flops"] if init else 0
+    val = val_batches(val_shards, args, args.device)
     ctx = dict(rank=rank, world=world, peak=peak_flops(args.device), autocast=autocast_for(args.device, args.dtype),
                tokenizer=prepare_data.load_tokenizer(args.data), loader=TokenWindows(train_shards, args.seq_len, args.seed, args.device, rank, world),
-               val=val_batches(val_shards, args, args.device)[rank::world], prompt=[int(t) for t in val_shards[0][:8]],
+               val=val[rank::world], prompt=[int(t) for t in val_shards[0][:8]],
                token_bytes=torch.tensor(prepare_data.load_token_bytes(args.data), device=args.device), val_bpb={},
                flops_before=flops_before, steps_before=init["step"] if init else 0, smooth_loss=torch.zeros((), device=args.device),
                total_flops=flops_before + sum(p.flops for p in phases))
@@ -1300,14 +1305,13 @@ def run(args):
     on_rank0(lambda: prepare_run_dir(args, metrics_lines), ctx)  # before anyone logs to it
     log = ctx["log"] = RunLog(args.out_dir, enabled=rank == 0, lines=metrics_lines or 0)
     log(f"config: {json.dumps(vars(args))}")
-    if not resume:
-        flops_per_second = measure_flops_per_second(phases[0].config, args) * world
-        val_tokens = sum(x.numel() for x, _ in ctx["val"]) * world
-        seconds = estimate_seconds(phases, args, val_tokens, flops_per_second)
-        log(describe_plan(phases, args, meta, flops_before) + "\n" + describe_cost(seconds, flops_per_second, args),
-            kind="plan", phases=[{**asdict(p), "flops": p.flops} for p in phases], estimated_seconds=seconds)
     if args.device == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls outside autocast
+    if not resume:
+        flops_per_second = measure_flops_per_second(phases[0].config, args) * world
+        seconds = estimate_seconds(phases, args, sum(x.numel() for x, _ in val), flops_per_second)
+        log(describe_plan(phases, args, meta, flops_before) + "\n" + describe_cost(seconds, flops_per_second, args),
+            kind="plan", phases=[{**asdict(p), "flops": p.flops} for p in phases], estimated_seconds=seconds)
     start = time.time()
     model, optimizer, first, start_step = starting_point(phases, resume, init, args, ctx)
     del resume, init  # their tensors now live in the model and optimizer

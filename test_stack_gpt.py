@@ -567,7 +567,11 @@ def test_polar_express_singular_values_near_one(shape, dtype):
 def spy_on_polar_express(monkeypatch):
     """The dtypes Polar Express computes in, call by call."""
     seen, real = [], sg.polar_express
-    monkeypatch.setattr(sg, "polar_express", lambda G, *a: seen.append(real(G, *a).dtype) or real(G, *a))
+    def recording(G, dtype):
+        X = real(G, dtype)
+        seen.append(X.dtype)
+        return X
+    monkeypatch.setattr(sg, "polar_express", recording)
     return seen
 
 
@@ -582,6 +586,14 @@ def test_cpu_runs_everything_in_fp32_by_default(monkeypatch):
     optimizer.step()
     assert args.dtype == "fp32" and seen and set(seen) == {torch.float32}
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_timing_the_machine_leaves_the_run_unchanged():
+    """The speed measurement before training builds and runs a scratch model: the run's RNG must not move."""
+    args = sg.resolve_args(["--device", "cpu", "--seq-len", "16", "--device-batch-size", "2"])
+    before = torch.get_rng_state()
+    assert sg.measure_flops_per_second(tiny_config(), args) > 0
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_adamw_group_matches_torch_adamw():
@@ -871,8 +883,9 @@ def test_grow_at_puts_growth_at_that_share_of_the_budget(share):
 
 
 def test_a_shallow_phase_of_zero_steps_is_refused():
-    with pytest.raises(sg.UsageError, match="0 shallow steps"):
-        plan_args(["--depth", "2", "--stack-to", "4", "--shallow-ratio", "0.0001"])
+    for flags in (["--shallow-ratio", "0.0001"], ["--grow-at", "0.00001"]):
+        with pytest.raises(sg.UsageError, match="shallow phase gets 0 steps"):
+            plan_args(["--depth", "2", "--stack-to", "4"] + flags)
 
 
 def test_an_odd_shallow_depth_keeps_the_baseline_batch_and_budget():
@@ -1300,6 +1313,7 @@ def test_bad_input_exits_2_without_traceback(tmp_path):
     (["--lr-scale", "0"], "--lr-scale must be positive"),
     (["--depth", "2", "--stack-to", "4", "--grow-at", "1.2"], "between 0 and 1"),
     (["--grow-at", "0.5"], "and --stack-to"),
+    (["--depth", "2", "--stack-to", "4", "--grow-at", "0.5", "--shallow-steps", "10"], "leave out --shallow-steps"),
     (["--depth", "1", "--aspect-ratio", "16", "--head-dim", "8"], "narrower than the 32 channels"),
 ])
 def test_bad_flags(capsys, tmp_path, argv, fragment):

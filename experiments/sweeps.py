@@ -40,8 +40,7 @@ RECIPES = {"g4": ["--depth", "1", "--stack-to", "4"], "interleave": STACKED + ["
            # the best combination found (experiments.md says how it was chosen): the plain stack with the
            # deep-phase warmdown that won the warmdown sweep, 0.5 (nanochat's default and the baseline's)
            "combo": STACKED + ["--warmdown-ratio", "0.5"]}
-# Part 2 (experiments.md): tune the baseline before comparing with it. Every run from here on uses the
-# code from commit 9aabd29 on: fp32 Polar Express on the CPU, val windows spread over the whole val split.
+# Part 2 (experiments.md, where its provenance is stated): tune the baseline before comparing with it.
 LR_SCALES = ("1", "2", "4", "0.5")  # --lr-scale: all groups' LRs together, at warmdown 0.5; run in this order (Part 1 suggested "more")
 TUNING_SEEDS = (0, 1)
 
