@@ -54,13 +54,13 @@ def step():
     model.zero_grad(set_to_none=True)
 
 
-def median_ms(fn, n=20):
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * sorted(times)[n // 2]
+def upper_median(values):
+    return sorted(values)[len(values) // 2]
+
+
+def eval_forward():
+    with torch.no_grad():
+        model(x, y, reduction="none")
 
 
 def profile():
@@ -71,6 +71,7 @@ def profile():
         "forward": lambda: state.update(loss=model(x, y)),
         "backward": lambda: state.pop("loss").backward(),
         "optimizer": lambda: (optimizer.step(), model.zero_grad(set_to_none=True)),
+        "eval forward (reduction='none', no grad)": eval_forward,
     }
     times = {name: [] for name in parts}
     for _ in range(20):
@@ -79,9 +80,7 @@ def profile():
             fn()
             times[name].append(time.perf_counter() - t0)
     for name, ts in times.items():
-        print(f"{name}: {1000 * sorted(ts)[len(ts) // 2]:.1f} ms")
-    with torch.no_grad():
-        print(f"eval forward (reduction='none', no grad): {median_ms(lambda: model(x, y, reduction='none')):.1f} ms")
+        print(f"{name}: {1000 * upper_median(ts):.1f} ms")
     with torch.profiler.profile() as prof:
         for _ in range(5):
             step()
@@ -97,5 +96,5 @@ for i in range(35):
     step()
     if i >= 5:
         times.append(time.perf_counter() - t0)
-median = sorted(times)[len(times) // 2]
+median = upper_median(times)
 print(f"{args.which}: median step {median * 1000:.1f} ms, {B * T / median:,.0f} tok/s")
