@@ -41,8 +41,17 @@ RECIPES = {"g4": ["--depth", "1", "--stack-to", "4"], "interleave": STACKED + ["
            # deep-phase warmdown that won the warmdown sweep, 0.5 (nanochat's default and the baseline's)
            "combo": STACKED + ["--warmdown-ratio", "0.5"]}
 # Part 2 (experiments.md, where its provenance is stated): tune the baseline before comparing with it.
+# The decision rules are experiments.md's, written before the runs; the functions below apply them to the data.
 LR_SCALES = ("1", "2", "4", "0.5")  # --lr-scale: all groups' LRs together, at warmdown 0.5; run in this order (Part 1 suggested "more")
+WARMDOWNS = ("0.3", "0.5", "0.7")  # the baseline's --warmdown-ratio, at the winning multiplier (0.5 is tune-lr's run)
 TUNING_SEEDS = (0, 1)
+TIE = 0.002  # mean final val bpb this close counts as a tie: the setting nearer the default wins
+GROW_SHARES = ("0.2", "0.4", "0.6", "0.8")  # --grow-at, with one LR schedule across growth (--schedule global)
+# A warmdown short enough that the late growth points come before the decay starts (at 85% of the budget,
+# after growth at 80%): the deep model then gets 5% of the budget at the peak LR before the decay.
+SHORT_WARMDOWN = "0.15"
+GROWTH_SEEDS = (0, 1, 2)
+CONFIRM_SEEDS = tuple(range(8))
 
 
 def sweeps():
@@ -61,8 +70,95 @@ def sweeps():
     mini = [("d2", ["--depth", "2"])]
     mini += [(f"d{d // 2}s{d}", ["--depth", str(d // 2), "--stack-to", str(d), "--shallow-ratio", "10.5", "--deep-ratio", "10.5"] + default_schedule)
              for d in (2, 4)]
-    tune_lr = [(f"lr{m}-s{s}", ["--depth", "4", "--lr-scale", m, "--seed", str(s)]) for s in TUNING_SEEDS for m in LR_SCALES]
-    return {"fixed-flops": fixed, "recipes": recipes, "warmdown": warmdown, "miniseries": mini, "tune-lr": tune_lr}
+    tune_lr = [(f"lr{m}-s{s}", ["--depth", "4", "--lr-scale", m, "--seed", str(s)]) for s in TUNING_SEEDS for m in lr_scales()]
+    lr = tuned_lr_scale()  # each later step of Part 2 waits for the one before it (an empty list until then)
+    tune_warmdown = [(f"lr{lr}-wd{w}-s{s}", ["--depth", "4", "--lr-scale", lr, "--warmdown-ratio", w, "--seed", str(s)])
+                     for s in TUNING_SEEDS for w in WARMDOWNS if w != "0.5"] if lr else []
+    tuned = tuned_settings()
+    grow_at, confirm = [], []
+    if tuned:
+        lr, warmdown = tuned
+        baseline = ["--depth", "4", "--lr-scale", lr, "--warmdown-ratio", warmdown]
+        for s in GROWTH_SEEDS:
+            grow_at += [(f"baseline-s{s}", baseline + ["--seed", str(s)])] if s not in TUNING_SEEDS else []
+            grow_at += [(name, flags + ["--seed", str(s)]) for name, flags in growth_arms(lr, warmdown).items()]
+        best = best_growth_arm(lr, warmdown)
+        if best:
+            confirm = [(f"baseline-s{s}", baseline + ["--seed", str(s)]) for s in CONFIRM_SEEDS if s not in GROWTH_SEEDS]
+            confirm += [(f"{best}-s{s}", growth_arms(lr, warmdown)[best] + ["--seed", str(s)]) for s in CONFIRM_SEEDS if s not in GROWTH_SEEDS]
+    return {"fixed-flops": fixed, "recipes": recipes, "warmdown": warmdown, "miniseries": mini, "tune-lr": tune_lr,
+            "tune-warmdown": tune_warmdown, "grow-at": grow_at, "confirm": confirm}
+
+
+def growth_arms(lr, warmdown):
+    """
+    Part 2, step 2: {arm: flags}. One schedule over the whole run at the tuned LR and warmdown, growing at
+    each share of the budget; a share that would fall inside the decay also runs at SHORT_WARMDOWN.
+    Evaluations every 50 steps, so that savings interpolate between close points.
+    """
+    arms = {}
+    for share in GROW_SHARES:
+        for w in [warmdown] + [SHORT_WARMDOWN] * (float(share) >= 1 - float(warmdown)):
+            name = f"at{share}" + (f"-wd{w}" if w != warmdown else "")
+            arms[name] = STACKED + ["--schedule", "global", "--grow-at", share, "--lr-scale", lr, "--warmdown-ratio", w, "--eval-every", "50"]
+    return arms
+
+
+# --- the decision rules of Part 2, on the finished runs ---
+
+def final_bpb(sweep, name):
+    """A finished run's final val bpb (None until it finishes)."""
+    return records(sweep, name)[-1]["val_bpb"] if finished(sweep, name) else None
+
+
+def mean_over_seeds(sweep, name, seeds):
+    """Mean final val bpb of run `name`-s<seed> over the seeds; None until every one has finished."""
+    bpb = [final_bpb(sweep, f"{name}-s{s}") for s in seeds]
+    return None if None in bpb else statistics.mean(next(iter(b.values())) for b in bpb)
+
+
+def pick(means, default):
+    """The lowest mean wins; within TIE of it, the candidate nearest the default (by ratio) wins instead."""
+    best = min(means.values())
+    near = [c for c, m in means.items() if m <= best + TIE]
+    return min(near, key=lambda c: (abs(math.log(float(c) / float(default))), means[c]))
+
+
+def lr_scales():
+    """LR_SCALES, extended by a factor of 2 past whichever edge wins, until the winner is inside the range."""
+    scales = list(LR_SCALES)
+    while True:
+        means = {m: mean_over_seeds("tune-lr", f"lr{m}", TUNING_SEEDS) for m in scales}
+        if None in means.values():
+            return scales
+        edges = sorted(scales, key=float)
+        winner = pick(means, "1")
+        if winner not in (edges[0], edges[-1]):
+            return scales
+        scales.append(f"{float(winner) * (2 if winner == edges[-1] else 0.5):g}")
+
+
+def tuned_lr_scale():
+    """The winning --lr-scale, or None while tune-lr is unfinished."""
+    scales = lr_scales()
+    means = {m: mean_over_seeds("tune-lr", f"lr{m}", TUNING_SEEDS) for m in scales}
+    return None if None in means.values() else pick(means, "1")
+
+
+def tuned_settings():
+    """(--lr-scale, --warmdown-ratio) of the tuned baseline, or None while tuning is unfinished."""
+    lr = tuned_lr_scale()
+    if lr is None:
+        return None
+    means = {w: mean_over_seeds("tune-warmdown", f"lr{lr}-wd{w}", TUNING_SEEDS) for w in WARMDOWNS if w != "0.5"}
+    means["0.5"] = mean_over_seeds("tune-lr", f"lr{lr}", TUNING_SEEDS)
+    return None if None in means.values() else (lr, pick(means, "0.5"))
+
+
+def best_growth_arm(lr, warmdown):
+    """The growth arm with the lowest mean final val bpb over GROWTH_SEEDS, or None while any is unfinished."""
+    means = {arm: mean_over_seeds("grow-at", arm, GROWTH_SEEDS) for arm in growth_arms(lr, warmdown)}
+    return None if None in means.values() else min(means, key=means.get)
 
 
 def command(sweep, name, flags):
@@ -89,9 +185,9 @@ def run(names, seeds):
     if not os.path.exists(f"{DATA}/meta.json"):
         subprocess.run(PREPARE.split(), check=True)
     for sweep in names:
-        for name, flags in selected(sweep, seeds):
-            if finished(sweep, name):
-                continue
+        # the list is made anew after every run: a finished step of Part 2 can add runs (its rules decide which)
+        while todo := [(name, flags) for name, flags in selected(sweep, seeds) if not finished(sweep, name)]:
+            name, flags = todo[0]
             shallow = flags[flags.index("--init-from") + 1] if "--init-from" in flags else None
             if shallow and not os.path.exists(shallow):  # checkpoints stay out of git: a fresh clone lacks them
                 fail(f"{name} starts from {shallow}, which is missing: rerun its run first "
