@@ -1464,3 +1464,71 @@ def test_cuda_bf16_compiled_training_step_and_mfu(tiny_data, tmp_path, capsys):
         assert all(r["mfu"] is not None and r["mfu"] > 0 for r in train)
     ckpt = sg.load_checkpoint(os.path.join(out, "final.pt"))
     assert ckpt["model"]["wte.weight"].dtype == torch.bfloat16
+
+
+# -----------------------------------------------------------------------------
+# Golden metrics: the numbers a tiny stacked run, baseline and --init-from run give, pinned bit for bit
+
+GOLDEN = os.path.join(HERE, "test_golden.json")
+# The same numbers on any x86 CPU: ATen's generic kernels and MKL's reproducible mode, one thread
+PORTABLE = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+GOLDEN_FLAGS = ["--aspect-ratio", "64", "--head-dim", "32", "--seq-len", "32", "--device-batch-size", "4", "--total-batch-size", "256",
+                "--shallow-steps", "6", "--deep-steps", "10", "--eval-every", "5", "--eval-tokens", "512", "--sample-tokens", "0",
+                "--matrix-lr", "0.2", "--embedding-lr", "3", "--unembedding-lr", "0.4", "--device", "cpu"]
+GOLDEN_RUNS = {"stacked": ["--depth", "1", "--stack-to", "2"], "baseline": ["--depth", "2"],
+               "init-from": ["--depth", "1", "--stack-to", "2", "--init-from", "{stacked}/shallow.pt", "--grow", "interleave",
+                             "--grow-optim", "carry", "--schedule", "global"]}
+
+
+def golden_corpus(folder):
+    """Text of pseudo-words from a fixed linear congruential generator: the same on every Python."""
+    state, syllables = 12345, ["ka", "lo", "mi", "ne", "ru", "ta", "so", "vi", "de", "po", "an", "el"]
+
+    def draw(n):
+        nonlocal state
+        state = (state * 1103515245 + 12345) % 2**31
+        return state % n
+    words = ["".join(syllables[draw(12)] for _ in range(1 + draw(3))) for _ in range(300)]
+    os.makedirs(folder)
+    for f in range(40):
+        lines = [" ".join(words[draw(300)] for _ in range(3 + draw(8))) + ("." if draw(3) else ":") for _ in range(60)]
+        with open(os.path.join(folder, f"doc{f:02d}.txt"), "w") as out:
+            out.write("\n".join(lines) + "\n")
+
+
+def golden_metrics(tmp_path):
+    """Every run's losses, val bpb, FLOPs, steps and plan, without the timings."""
+    golden_corpus(tmp_path / "text")
+    prepare_data.build_text_dataset([str(tmp_path / "text")], str(tmp_path / "data"), vocab_size=512)
+    metrics = {}
+    for name, flags in GOLDEN_RUNS.items():
+        out = tmp_path / name
+        flags = [f.format(stacked=tmp_path / "stacked") for f in flags]
+        proc = subprocess.run([sys.executable, "stack_gpt.py"] + GOLDEN_FLAGS + flags + ["--data", str(tmp_path / "data"), "--out-dir", str(out)],
+                              cwd=HERE, env={**os.environ, **PORTABLE}, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        records = read_metrics(out)
+        plan = [{k: v for k, v in p.items() if k != "config"} for p in records[0]["phases"]]
+        metrics[name] = {"plan": plan, "records": comparable(records)}
+    return metrics
+
+
+def test_golden_metrics_are_reproduced_bit_for_bit(tmp_path):
+    """
+    Pins the numerics through refactors: a change that moves any loss by one bit fails here. Set
+    STACK_GPT_RECORD_GOLDEN=1 to rewrite test_golden.json, only for a change meant to move them.
+    """
+    metrics = golden_metrics(tmp_path)
+    recorded_on = {"torch": torch.__version__.split("+")[0]}
+    if os.environ.get("STACK_GPT_RECORD_GOLDEN"):
+        with open(GOLDEN, "w") as f:
+            json.dump({"recorded_on": recorded_on, "metrics": metrics}, f, indent=1)
+    with open(GOLDEN) as f:
+        golden = json.load(f)
+    if golden["recorded_on"] == recorded_on:
+        assert metrics == golden["metrics"]
+    else:  # another torch may pick other kernels: then the numbers agree closely, not bit for bit
+        for name, run in golden["metrics"].items():
+            assert run["plan"] == metrics[name]["plan"]
+            for want, got in zip(run["records"], metrics[name]["records"], strict=True):
+                assert got == pytest.approx(want, rel=1e-3), (name, want, got)
