@@ -4,10 +4,13 @@ stack_gpt.py: train a small GPT, make it deeper by stacking its layers, keep tra
 Model growth by depthwise stacking (G_stack, Du et al. 2024): train a shallow model,
 repeat its whole block of layers g times (L1..L4 -> L1..L4,L1..L4), train the deep model.
 The question is whether the shallow phase buys the deep model a head start that is worth
-more than the compute it cost. This file is the whole system in one readable script:
+more than the compute it cost. The file reads in the order the data flows:
 
-    config -> data -> model -> optimizer -> schedules -> stacking -> eval -> training loop
+    constants -> data -> model -> optimizer -> schedules -> stacking -> planning
+              -> evaluation -> the two-phase loop (train shallow, stack, train deep) -> flags
 
+and ends with a section of machinery (checkpoints, multiple processes) that a first reading can
+skip; a run's files live in run_files.py and what it prints about itself in reports.py.
 The model and optimizer follow nanochat's base model (Feb 2026): rotary, QK-norm, ReLU^2,
 value embeddings, per-layer lambdas, Muon + AdamW. Examples:
 
@@ -16,210 +19,38 @@ value embeddings, per-layer lambdas, Muon + AdamW. Examples:
 """
 
 import argparse
-import errno
 import json
 import math
 import os
 import sys
 import time
-import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import machinery
 import prepare_data
-from prepare_data import DataError, finite_float
+import reports
+from machinery import TrainingDiverged, UsageError
+from prepare_data import DataError, TokenWindows, finite_float, load_data, val_batches
 
-CHECKPOINT_FORMAT = "stack-gpt-1"
+# -----------------------------------------------------------------------------
+# Constants: nanochat's, each named once
+
+REFERENCE_DEPTH, REFERENCE_BATCH, REFERENCE_WIDTH = 12, 2**19, 768  # nanochat's d12, its tokens per step, and the width its LRs were tuned at
+BATCH_EXPONENT = 0.383  # batch size grows as (training tokens)^0.383 (Power Lines)
+VE_GATE_CHANNELS = 32  # the value-embedding gate reads this many channels of the block input
+SOFTCAP = 15  # logits are squashed smoothly into [-15, 15]
+ADAMW_BETAS, X0_LAMBDA_BETAS, ADAMW_EPS = (0.8, 0.95), (0.96, 0.95), 1e-10
+MUON_MOMENTUM_START, MUON_MOMENTUM_RISE, MUON_MOMENTUM_WARMUP = 0.85, 0.10, 300  # Muon's momentum: 0.85 -> 0.95 over 300 steps
+MUON_BETA2 = 0.95  # NorMuon's running mean of the squared update
+LOSS_EMA_DECAY = 0.9  # the logged train loss is smoothed over roughly the last 10 steps
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype
-REFERENCE_DEPTH, REFERENCE_BATCH = 12, 2**19  # nanochat's d12 and its tokens per step: the LR, batch and wd rules scale from here
-
-
-class UsageError(Exception):
-    """A mistake in the flags or files the user gave us: reported in one line, exit code 2."""
-
-
-class TrainingDiverged(Exception):
-    """The loss became NaN or infinite: reported in one line, exit code 1, the last checkpoint kept."""
-
-
-# -----------------------------------------------------------------------------
-# Configuration
-
-def get_parser():
-    p = prepare_data.OneLineParser(description="Train a GPT, optionally grow it by layer stacking, and train the deep model.",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    model_flags = p.add_argument_group("model")
-    model_flags.add_argument("--depth", type=int, default=12, help="number of layers of the model trained first (the shallow model when --stack-to is set)")
-    model_flags.add_argument("--stack-to", type=int, default=None, help="final depth after stacking; a multiple of --depth (omit for a plain baseline run)")
-    model_flags.add_argument("--aspect-ratio", type=int, default=64, help="model width = final depth * aspect ratio, rounded up to a multiple of --head-dim")
-    model_flags.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
-    model_flags.add_argument("--seq-len", type=int, default=2048, help="context length in tokens")
-    horizon_flags = p.add_argument_group("horizon")
-    horizon_flags.add_argument("--ratio", type=finite_float, default=10.5, help="data:param ratio of the baseline: the final-depth model trained at this ratio sets the FLOPs budget of the whole run")
-    horizon_flags.add_argument("--target-flops", type=finite_float, default=None, help="total FLOPs budget of the run (overrides --ratio)")
-    horizon_flags.add_argument("--shallow-ratio", type=finite_float, default=3.25, help="data:param ratio of the shallow phase")
-    horizon_flags.add_argument("--grow-at", type=finite_float, default=None, help="grow after this share of the FLOPs budget, between 0 and 1 (overrides --shallow-ratio)")
-    horizon_flags.add_argument("--shallow-steps", type=int, default=None, help="explicit number of shallow-phase steps (overrides --shallow-ratio)")
-    horizon_flags.add_argument("--deep-ratio", type=finite_float, default=None, help="data:param ratio of the deep phase (default: whatever fills the FLOPs budget)")
-    horizon_flags.add_argument("--deep-steps", type=int, default=None, help="explicit number of steps of the deep (or only) phase")
-    optim_flags = p.add_argument_group("optimization")
-    optim_flags.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: nanochat's rule, 2^19 at d12, scaled by model size^0.383)")
-    optim_flags.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass; gradients are accumulated up to the total batch")
-    optim_flags.add_argument("--lr-scale", type=finite_float, default=1.0, help="multiplies every learning rate below (a one-knob LR sweep)")
-    optim_flags.add_argument("--matrix-lr", type=finite_float, default=0.02, help="Muon learning rate for the block matrices")
-    optim_flags.add_argument("--embedding-lr", type=finite_float, default=0.3, help="AdamW learning rate for token and value embeddings")
-    optim_flags.add_argument("--unembedding-lr", type=finite_float, default=0.004, help="AdamW learning rate for the lm_head")
-    optim_flags.add_argument("--scalar-lr", type=finite_float, default=0.5, help="AdamW learning rate for x0_lambdas (resid_lambdas get 1%% of it)")
-    optim_flags.add_argument("--weight-decay", type=finite_float, default=0.2, help="Muon cautious weight decay at d12 (scaled with batch and horizon)")
-    optim_flags.add_argument("--warmup-ratio", type=finite_float, default=0.0, help="fraction of each phase (of the whole run with --schedule global) spent in linear LR warmup")
-    optim_flags.add_argument("--warmdown-ratio", type=finite_float, default=None, help="fraction of the deep (or only) phase spent decaying the LR (default: 1.0 after stacking, 0.5 for a baseline or a global schedule)")
-    optim_flags.add_argument("--shallow-warmdown-ratio", type=finite_float, default=0.0, help="warmdown ratio of the shallow phase")
-    optim_flags.add_argument("--final-lr-frac", type=finite_float, default=0.0, help="LR multiplier at the end of warmdown")
-    evaluation_flags = p.add_argument_group("evaluation and logging")
-    evaluation_flags.add_argument("--eval-every", type=int, default=250, help="evaluate val bpb every N steps (and at the end of each phase); 0 = only at the end")
-    evaluation_flags.add_argument("--eval-tokens", type=int, default=40 * REFERENCE_BATCH, help="number of val tokens per evaluation (the same ones every time; nanochat's size)")
-    evaluation_flags.add_argument("--sample-tokens", type=int, default=48, help="tokens to sample at the end of each phase (0 = no sample)")
-    evaluation_flags.add_argument("--log-every", type=int, default=1, help="print and record the train loss every N steps")
-    growth_flags = p.add_argument_group("growth (see the README for what each choice tests)")
-    growth_flags.add_argument("--grow", choices=GROW_OPERATORS, default="stack", help="how the shallow layers become the deep ones")
-    growth_flags.add_argument("--grow-optim", choices=("reset", "carry"), default="reset", help="start the deep phase's optimizer fresh, or carry each parameter's state to its copies")
-    growth_flags.add_argument("--schedule", choices=("phases", "global"), default="phases", help="each phase its own LR schedule, or one schedule over the whole run's FLOPs")
-    growth_flags.add_argument("--baseline", default=None, help="metrics.jsonl (or run folder) of a baseline run: end with the acceleration report against it")
-    growth_flags.add_argument("--compare", nargs="+", metavar="METRICS", default=None, help="print the acceleration report of finished runs against the first one (a baseline) and exit")
-    run_flags = p.add_argument_group("run")
-    run_flags.add_argument("--data", default=prepare_data.DEFAULT_DATA_DIR, help="dataset folder written by prepare_data.py")
-    run_flags.add_argument("--out-dir", default=None, help="run folder for config, metrics and checkpoints (default: runs/<d6s12 or d12>)")
-    run_flags.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds another run, finished or not (its checkpoints are deleted)")
-    run_flags.add_argument("--save-every", type=int, default=0, help="also write checkpoint.pt every N steps of either phase, for --resume (0 = never)")
-    run_flags.add_argument("--resume", action="store_true", help="continue the interrupted run in --out-dir from its latest checkpoint, with the flags it was started with (--device, --compile and --dtype: this command's)")
-    run_flags.add_argument("--init-from", default=None, help="shallow checkpoint to start from: skips phase 1 (one shallow model can serve many deep runs)")
-    run_flags.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    run_flags.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on for CUDA, off for CPU)")
-    run_flags.add_argument("--dtype", choices=PRECISIONS, default=None, help="bf16: autocast matmuls, bf16 lookup tables and Polar Express (the GPU path); "
-                           "fp32: all but the rotary tables (bf16, as nanochat's) in fp32 (default: bf16 on CUDA, fp32 on CPU, where bf16 is often emulated and slow)")
-    run_flags.add_argument("--seed", type=int, default=0, help="seed for the initialization and the data order")
-    return p
-
-
-def resolve_args(argv=None):
-    """Parse the flags, check them, and fill in the defaults that depend on other flags."""
-    args = get_parser().parse_args(argv)
-    positive = ["depth", "aspect_ratio", "head_dim", "seq_len", "ratio", "target_flops", "shallow_ratio", "shallow_steps", "lr_scale",
-                "deep_ratio", "deep_steps", "total_batch_size", "device_batch_size", "log_every"]
-    for name in positive:
-        value = getattr(args, name, None)
-        if value is not None and value <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive (got {value})")
-    if args.eval_every < 0 or args.sample_tokens < 0 or args.save_every < 0:
-        raise UsageError("--eval-every, --sample-tokens and --save-every must be >= 0")
-    if args.eval_tokens < args.seq_len:
-        raise UsageError(f"--eval-tokens {args.eval_tokens} is less than one sequence: give at least --seq-len {args.seq_len}")
-    if args.head_dim % 2:
-        raise UsageError(f"--head-dim {args.head_dim} must be even (rotary turns pairs of channels)")
-    for name in ["warmup_ratio", "warmdown_ratio", "shallow_warmdown_ratio", "final_lr_frac"]:
-        value = getattr(args, name)
-        if value is not None and value < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (got {value})")
-    if args.warmup_ratio > 1:
-        raise UsageError(f"--warmup-ratio {args.warmup_ratio} is longer than the phase: give a fraction of it, at most 1")
-    if args.stack_to is not None and (args.stack_to <= args.depth or args.stack_to % args.depth):
-        raise UsageError(f"--stack-to {args.stack_to} must be a larger multiple of --depth {args.depth} (e.g. --depth 6 --stack-to 12)")
-    if args.grow_at is not None and not (0 < args.grow_at < 1 and args.stack_to):
-        raise UsageError(f"--grow-at {args.grow_at} is a share of the budget: give a number between 0 and 1, and --stack-to")
-    if args.grow_at is not None and (args.shallow_steps or args.init_from):
-        raise UsageError("--grow-at sets the shallow phase's length: leave out --shallow-steps and --init-from")
-    if args.init_from and args.stack_to is None:
-        raise UsageError("--init-from starts the deep phase from a shallow checkpoint: give --stack-to too")
-    args.stacked = args.stack_to is not None
-    args.final_depth = args.stack_to if args.stacked else args.depth
-    if model_width(args.final_depth, args) < 32:
-        raise UsageError("the model is narrower than the 32 channels the value-embedding gate reads: raise --aspect-ratio")
-    if args.warmdown_ratio is None:  # the write-up's best deep-phase value after stacking, else nanochat's default
-        args.warmdown_ratio = 1.0 if args.stacked and args.schedule == "phases" else 0.5
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device not in ("cuda", "cpu"):
-        raise UsageError(f"--device must be cuda or cpu (got {args.device})")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA GPU is visible: use --device cpu")
-    if args.compile is None:
-        args.compile = args.device == "cuda"
-    if args.dtype is None:  # GPUs are fast in bf16; many CPUs have no native bf16 and emulate it, tens of times slower than fp32
-        args.dtype = "bf16" if args.device == "cuda" else "fp32"
-    if args.out_dir is None:
-        name = f"d{args.depth}s{args.stack_to}" if args.stacked else f"d{args.depth}"
-        args.out_dir = os.path.join("runs", name)
-    return args
-
-
-# -----------------------------------------------------------------------------
-# Data: fixed-length windows cut from the token shards that prepare_data.py writes
-
-class TokenWindows:
-    """
-    Every shard is cut into windows of seq_len+1 tokens (inputs and next-token targets);
-    each epoch visits all windows once in a seeded random order. The loader's whole
-    position is (epoch, cursor), so it can be saved and restored exactly.
-    Each optimizer step asks for its rows in micro-batches; `rank`/`world` pick this
-    process's slice of every micro-batch so the global batch does not depend on them.
-    """
-
-    def __init__(self, shards, seq_len, seed, device, rank=0, world=1):
-        self.shards, self.seq_len, self.seed, self.device = shards, seq_len, seed, device
-        self.rank, self.world = rank, world
-        counts = [(len(s) - 1) // seq_len for s in shards]  # -1: the last window needs one extra target token
-        self.first_window = np.cumsum([0] + counts)  # global window id where each shard starts
-        self.num_windows = int(self.first_window[-1])
-        if self.num_windows == 0:
-            raise DataError(f"the data has fewer than {seq_len + 1} tokens: use a smaller --seq-len or more data")
-        self.epoch, self.cursor = 0, 0
-        self.order = self._order(self.epoch)
-
-    def _order(self, epoch):
-        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)  # one seed per (seed, epoch) pair, for any epoch below 100003
-        return torch.randperm(self.num_windows, generator=g).numpy()
-
-    def window(self, i):
-        shard = int(np.searchsorted(self.first_window, i, side="right")) - 1
-        start = (i - self.first_window[shard]) * self.seq_len
-        return self.shards[shard][start:start + self.seq_len + 1]
-
-    def next_batch(self, rows):
-        """The next `rows` windows of this rank, as (inputs, targets) of shape (rows, seq_len)."""
-        ids = []
-        for _ in range(rows * self.world):
-            if self.cursor == self.num_windows:
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self.order = self._order(self.epoch)
-            ids.append(self.order[self.cursor])
-            self.cursor += 1
-        mine = ids[self.rank * rows:(self.rank + 1) * rows]
-        batch = torch.from_numpy(np.stack([self.window(i) for i in mine]).astype(np.int64))
-        if self.device == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        return batch[:, :-1], batch[:, 1:]
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state):
-        if state["cursor"] > self.num_windows:
-            raise DataError(f"the checkpoint's data position ({state['cursor']} windows) lies beyond this data: use the data it was trained on")
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-        self.order = self._order(self.epoch)
-
-
-def load_data(args):
-    """Read the dataset folder: train and val token streams, the tokenizer and the bytes of each token."""
-    meta = prepare_data.load_meta(args.data)
-    read = lambda names: [prepare_data.read_shard(os.path.join(args.data, n)) for n in names]
-    return meta, read(meta["train_shards"]), read(meta["val_shards"])
+GROW_OPERATORS = ("stack", "interleave", "identity", "random")  # --grow
 
 
 # -----------------------------------------------------------------------------
@@ -237,6 +68,11 @@ class GPTConfig:
     @property
     def head_dim(self):
         return self.n_embd // self.n_head
+
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        """The config a checkpoint saved as plain data (its ve_layers a list)."""
+        return cls(**{**ckpt["model_config"], "ve_layers": tuple(ckpt["model_config"]["ve_layers"])})
 
 
 def default_ve_layers(n_layer):
@@ -284,9 +120,9 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(n, n, bias=False)
         self.c_proj = nn.Linear(n, n, bias=False)
         # Value embeddings (ResFormer): a per-layer table of token vectors mixed into v by a gate
-        # that reads the first 32 channels of the block input.
+        # that reads the first VE_GATE_CHANNELS channels of the block input.
         self.value_embed = nn.Embedding(padded_vocab(config.vocab_size), n) if has_value_embed else None
-        self.ve_gate = nn.Linear(32, self.n_head, bias=False) if has_value_embed else None
+        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_head, bias=False) if has_value_embed else None
 
     def forward(self, x, idx, cos, sin):
         B, T, C = x.shape
@@ -294,7 +130,7 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_head, self.head_dim)
         if self.value_embed is not None:
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :32]))  # (B, T, n_head), 1.0 at init
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, n_head), 1.0 at init
             v = v + gate.unsqueeze(-1) * self.value_embed(idx).view(B, T, self.n_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
@@ -327,8 +163,6 @@ def padded_vocab(vocab_size):
 
 
 class GPT(nn.Module):
-    SOFTCAP = 15  # logits are squashed smoothly into [-15, 15]
-
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -383,7 +217,7 @@ class GPT(nn.Module):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             x = block(x, idx, cos, sin)
         logits = self.lm_head(norm(x))[..., :self.config.vocab_size].float()
-        logits = self.SOFTCAP * torch.tanh(logits / self.SOFTCAP)
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
@@ -421,7 +255,7 @@ class GPT(nn.Module):
         return ids[0, len(tokens):].tolist()
 
 
-def new_model(config, device, table_dtype=torch.float32):
+def empty_model(config, device, table_dtype=torch.float32):
     """An uninitialized model on `device`. In bf16 runs its lookup tables are stored in bf16, as nanochat does."""
     model = GPT(config).to(device)
     for table in model.embeddings():
@@ -430,7 +264,8 @@ def new_model(config, device, table_dtype=torch.float32):
 
 
 def build_model(config, device, table_dtype=torch.float32):
-    model = new_model(config, device, table_dtype)
+    """A new model, initialized."""
+    model = empty_model(config, device, table_dtype)
     model.init_weights()
     return model
 
@@ -543,19 +378,19 @@ def build_optimizer(model, args, batch_size, weight_decay):
     1/sqrt(width/768), because their updates add up over the width. --lr-scale multiplies them all.
     """
     scale = args.lr_scale * (batch_size / REFERENCE_BATCH) ** 0.5
-    width_scale = (model.config.n_embd / 768) ** -0.5
+    width_scale = (model.config.n_embd / REFERENCE_WIDTH) ** -0.5
     tables = [e.weight for e in model.embeddings()]
     matrices = [p for b in model.blocks for p in b.parameters() if p.ndim == 2 and all(p is not t for t in tables)]
-    adamw = dict(kind="adamw", betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+    adamw = dict(kind="adamw", betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=0.0)
     groups = [
         dict(adamw, params=[model.lm_head.weight], lr=args.unembedding_lr * width_scale * scale),
         dict(adamw, params=tables, lr=args.embedding_lr * width_scale * scale),
         dict(adamw, params=[model.resid_lambdas], lr=args.scalar_lr * 0.01 * scale),
-        dict(adamw, params=[model.x0_lambdas], lr=args.scalar_lr * scale, betas=(0.96, 0.95)),
+        dict(adamw, params=[model.x0_lambdas], lr=args.scalar_lr * scale, betas=X0_LAMBDA_BETAS),
     ]
     for shape in sorted({p.shape for p in matrices}):  # Muon works on a stack of same-shape matrices at once
         groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=args.matrix_lr * scale,
-                           momentum=0.95, beta2=0.95, weight_decay=weight_decay))
+                           momentum=muon_momentum(0), beta2=MUON_BETA2, weight_decay=weight_decay))
     grouped = [id(p) for g in groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters()), "every parameter must be in exactly one group"
     optimizer = MuonAdamW(groups, PRECISIONS[args.dtype])
@@ -565,36 +400,38 @@ def build_optimizer(model, args, batch_size, weight_decay):
 
 
 # -----------------------------------------------------------------------------
-# Schedules (functions of the step within a phase)
+# Schedules: LR, Muon momentum and weight decay, as functions of the step
 
-def lr_multiplier(step, steps, warmup_ratio, warmdown_ratio, final_lr_frac):
-    """Linear warmup, then 1.0, then a linear decay over the last warmdown_ratio * steps to final_lr_frac.
-    Where the two ramps overlap (e.g. warmup with the deep phase's warmdown 1.0), the lower one wins.
-    (The global schedule passes the whole run's position and length, counted in steps of the current phase.)"""
-    warmup, warmdown = round(warmup_ratio * steps), round(warmdown_ratio * steps)
-    rising = (step + 1) / warmup if step < warmup else 1.0
-    if step <= steps - warmdown:
+def lr_multiplier(position, length, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """
+    Linear warmup, then 1.0, then a linear decay over the last warmdown_ratio of the length, down to
+    final_lr_frac. `position` and `length` count steps of the current phase (fractional ones for the
+    global schedule). Where the two ramps overlap (e.g. warmup with warmdown 1.0), the lower one wins.
+    """
+    warmup, warmdown = round(warmup_ratio * length), round(warmdown_ratio * length)
+    rising = (position + 1) / warmup if position < warmup else 1.0
+    if position <= length - warmdown:
         return rising
-    progress = (steps - step) / warmdown  # 1 -> 0 over the warmdown (a ratio > 1 starts part-way down)
+    progress = (length - position) / warmdown  # 1 -> 0 over the warmdown (a ratio > 1 starts part-way down)
     return min(rising, progress + (1 - progress) * final_lr_frac)
 
 
 def muon_momentum(step):
-    """Muon's momentum warms up from 0.85 to 0.95 over the first 300 steps."""
-    return 0.85 + 0.10 * min(step / 300, 1.0)
+    """Muon's momentum warms up linearly over its first steps."""
+    return MUON_MOMENTUM_START + MUON_MOMENTUM_RISE * min(step / MUON_MOMENTUM_WARMUP, 1.0)
 
 
-def weight_decay_at(step, steps, weight_decay):
-    """Muon's weight decay falls linearly to zero over the phase."""
-    return weight_decay * (1 - step / steps)
+def weight_decay_at(done, total, weight_decay):
+    """Muon's weight decay falls linearly to zero: `done` of `total` (steps, or FLOPs for the global schedule)."""
+    return weight_decay * (1 - done / total)
 
 
-def flops_at(phase, step, ctx):
+def flops_at(phase, step, state):
     """FLOPs the run has spent by the end of `step` of `phase`, the phases before it included."""
-    return ctx["flops_before"] + phase.step_flops * step
+    return state.flops_before + phase.step_flops * step
 
 
-def schedule_at(phase, step, args, ctx):
+def schedule_at(phase, step, args, state):
     """
     (LR multiplier, Muon momentum, weight decay) for a step. With --schedule phases each phase
     runs its own schedules over its own steps (the write-up and the paper restart at growth).
@@ -604,25 +441,30 @@ def schedule_at(phase, step, args, ctx):
     if args.schedule == "phases":
         return (lr_multiplier(step, phase.steps, args.warmup_ratio, phase.warmdown_ratio, args.final_lr_frac),
                 muon_momentum(step), weight_decay_at(step, phase.steps, phase.weight_decay))
-    done = flops_at(phase, step, ctx)
-    # position and length in steps of this phase (fractional), so that warmup's "+1" is one step
-    return (lr_multiplier(done / phase.step_flops, ctx["total_flops"] / phase.step_flops, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac),
-            muon_momentum(ctx["steps_before"] + step), weight_decay_at(done, ctx["total_flops"], phase.weight_decay))
+    done = flops_at(phase, step, state)
+    # the whole run's position and length, in steps of this phase (fractional), so that warmup's "+1" is one step
+    return (lr_multiplier(done / phase.step_flops, state.total_flops / phase.step_flops, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac),
+            muon_momentum(state.steps_before + step), weight_decay_at(done, state.total_flops, phase.weight_decay))
 
 
 # -----------------------------------------------------------------------------
 # Stacking: grow a shallow model into a deep one
+#
+# G_stack, the paper's operator, is this simple: deep layer j starts as a copy of shallow layer
+# j % n_layer, and everything outside the blocks (embeddings, head) is carried over as it is:
+#
+#     deep.blocks[j].load_state_dict(shallow.blocks[j % n_layer].state_dict())   for j < g * n_layer
+#
+# The code below is that, written once for weights and optimizer state alike (a layer map and a
+# renaming of tensors), plus the per-layer scalars and three other operators to compare with.
 
-GROW_OPERATORS = ("stack", "interleave", "identity", "random")
-
-
-def growth_layer_map(n_layer, growth_factor, grow="stack"):
+def growth_layer_map(n_layer, growth_factor, operator="stack"):
     """
     Which shallow layer each deep layer starts from. `interleave` repeats each layer in place,
     [0,0,1,1,...]; the others keep G_stack's block order [0..L-1] * g, where the first pass
     holds the original layers and the later passes their copies.
     """
-    if grow == "interleave":
+    if operator == "interleave":
         return [i for i in range(n_layer) for _ in range(growth_factor)]
     return [i for _ in range(growth_factor) for i in range(n_layer)]
 
@@ -658,7 +500,7 @@ def stacked_config(shallow_config, layer_map):
     return GPTConfig(**{**asdict(shallow_config), "n_layer": len(layer_map), "ve_layers": ve_layers})
 
 
-def stack_model(shallow, growth_factor, grow="stack"):
+def stack_model(shallow, growth_factor, operator="stack"):
     """
     The deep model, grown from the shallow one by one of four operators:
       stack       G_stack: copies in block order, each computing exactly what its source did
@@ -670,16 +512,16 @@ def stack_model(shallow, growth_factor, grow="stack"):
     the deep config takes its layout from the sources instead.
     """
     n_layer = shallow.config.n_layer
-    layer_map = growth_layer_map(n_layer, growth_factor, grow)
-    deep = new_model(stacked_config(shallow.config, layer_map), shallow.wte.weight.device.type, shallow.wte.weight.dtype)
+    layer_map = growth_layer_map(n_layer, growth_factor, operator)
+    deep = empty_model(stacked_config(shallow.config, layer_map), shallow.wte.weight.device.type, shallow.wte.weight.dtype)
     grown = grow_tensors(shallow.state_dict(), layer_map)
     copies = range(n_layer, len(layer_map))
-    if grow == "identity":
+    if operator == "identity":
         for j in copies:
             grown[f"blocks.{j}.attn.c_proj.weight"].zero_()
             grown[f"blocks.{j}.mlp.c_proj.weight"].zero_()
             grown["resid_lambdas"][j], grown["x0_lambdas"][j] = 1.0, 0.0  # so the layer maps x to x
-    elif grow == "random":
+    elif operator == "random":
         deep.init_weights()
         fresh = deep.state_dict()
         for j in copies:
@@ -690,60 +532,14 @@ def stack_model(shallow, growth_factor, grow="stack"):
     return deep
 
 
-def carry_optimizer_state(shallow, shallow_optimizer, deep, deep_optimizer, growth_factor, grow):
+def carry_optimizer_state(shallow, shallow_optimizer, deep, deep_optimizer, growth_factor, operator):
     """--grow-optim carry: every deep parameter starts with its source's optimizer state (momenta, variances, steps)."""
-    layer_map = growth_layer_map(shallow.config.n_layer, growth_factor, grow)
+    layer_map = growth_layer_map(shallow.config.n_layer, growth_factor, operator)
     state = {name: shallow_optimizer.state[p] for name, p in shallow.named_parameters() if shallow_optimizer.state[p]}
     grown = grow_tensors(state, layer_map)
     for name, p in deep.named_parameters():
         if name in grown:
             deep_optimizer.state[p] = grown[name]
-
-
-# -----------------------------------------------------------------------------
-# Evaluation: bits per byte on fixed val tokens, and a text sample
-
-@torch.no_grad()
-def evaluate_bpb(model, val_batches, token_bytes, autocast):
-    """
-    Bits per byte: total loss in nats over the val tokens, divided by ln 2 and by the number of
-    UTF-8 bytes those tokens stand for, so models with different tokenizers compare fairly.
-    Special tokens have 0 bytes and are left out of both sums.
-    """
-    nats, nbytes = 0.0, 0
-    for x, y in val_batches:
-        with autocast:
-            loss = model(x, y, reduction="none")
-        counted_bytes = token_bytes[y]
-        nats += (loss * (counted_bytes > 0)).sum()
-        nbytes += counted_bytes.sum()
-    if dist.is_initialized():  # each rank evaluated its share of the batches
-        nats, nbytes = torch.as_tensor(nats, device=token_bytes.device), torch.as_tensor(nbytes, device=token_bytes.device)
-        dist.all_reduce(nats)
-        dist.all_reduce(nbytes)
-    return float(nats) / (math.log(2) * float(nbytes))
-
-
-def val_batches(val_shards, args, device):
-    """
-    The same eval_tokens each time, in device-sized batches: windows spread evenly over the whole
-    val split, so that a small eval still samples every part of it, not only its first documents.
-    """
-    windows = TokenWindows(val_shards, args.seq_len, seed=0, device=device)
-    n = min(args.eval_tokens // args.seq_len, windows.num_windows)
-    spread = np.linspace(0, windows.num_windows - 1, n).round().astype(int)  # n distinct ids: their spacing is >= 1
-    rows = [windows.window(i) for i in spread]
-    batches = []
-    for i in range(0, n, args.device_batch_size):
-        batch = torch.from_numpy(np.stack(rows[i:i + args.device_batch_size]).astype(np.int64)).to(device)
-        batches.append((batch[:, :-1], batch[:, 1:]))
-    return batches
-
-
-def sample_text(model, tokenizer, prompt_tokens, max_tokens, autocast):
-    with autocast:
-        out = model.generate(prompt_tokens, max_tokens)
-    return tokenizer.decode(prompt_tokens) + "|" + tokenizer.decode(out)
 
 
 # -----------------------------------------------------------------------------
@@ -782,7 +578,7 @@ def batch_and_weight_decay(scaling_params, ref_params, args):
       weight decay  wd = wd_ref * sqrt(B / 2^19) * D_ref / D (keeps B / (lr * wd * D) constant)
     nanochat takes D_ref at the same ratio as D, so the ratio cancels: only the size relative to d12 counts.
     """
-    batch = args.total_batch_size or 2 ** round(math.log2(REFERENCE_BATCH * (scaling_params / ref_params) ** 0.383))
+    batch = args.total_batch_size or 2 ** round(math.log2(REFERENCE_BATCH * (scaling_params / ref_params) ** BATCH_EXPONENT))
     return batch, args.weight_decay * (batch / REFERENCE_BATCH) ** 0.5 * ref_params / scaling_params
 
 
@@ -841,260 +637,83 @@ def plan_phases(args, vocab_size, shallow_flops=None, world=1):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints and the run folder
+# Evaluation: bits per byte on fixed val tokens, and a text sample
 
-def on_rank0(write, ctx):
+@torch.no_grad()
+def evaluate_bpb(model, val_batches, token_bytes, autocast):
     """
-    Run `write` (which saves a file) on rank 0 only, then tell every rank how it went: a UsageError
-    there (a full disk, a folder that cannot be written) is raised on all ranks, so that none is
-    left waiting for rank 0 in the next collective. The broadcast also keeps the ranks in step.
+    Bits per byte: total loss in nats over the val tokens, divided by ln 2 and by the number of
+    UTF-8 bytes those tokens stand for, so models with different tokenizers compare fairly.
+    Special tokens have 0 bytes and are left out of both sums.
     """
-    error = None
-    if ctx["rank"] == 0:
-        try:
-            write()
-        except UsageError as e:
-            error = str(e)
-    if ctx["world"] > 1:
-        shared = [error]
-        dist.broadcast_object_list(shared, src=0)
-        error = shared[0]
-    if error:
-        raise UsageError(error)
+    nats, nbytes = 0.0, 0
+    for x, y in val_batches:
+        with autocast:
+            loss = model(x, y, reduction="none")
+        counted_bytes = token_bytes[y]
+        nats += (loss * (counted_bytes > 0)).sum()
+        nbytes += counted_bytes.sum()
+    if dist.is_initialized():  # each rank evaluated its share of the batches
+        nats, nbytes = torch.as_tensor(nats, device=token_bytes.device), torch.as_tensor(nbytes, device=token_bytes.device)
+        dist.all_reduce(nats)
+        dist.all_reduce(nbytes)
+    return float(nats) / (math.log(2) * float(nbytes))
 
 
-def save_checkpoint(path, model, optimizer, args, phase, step, ctx):
-    """The run at the end of `step` of `phase`, for --resume or --init-from; rank 0 writes it."""
-    # a NaN since the last logged step must not become the checkpoint to resume; the smoothed loss is
-    # averaged over ranks, so every rank stops here together
-    if not math.isfinite(ctx["smooth_loss"]):
-        raise TrainingDiverged(f"{phase.name} phase: the loss became {float(ctx['smooth_loss'])} by step {step}; "
-                               "the last checkpoint is left as it was")
-    on_rank0(lambda: write_checkpoint(path, model, optimizer, args, phase, step, ctx), ctx)
-
-
-def write_checkpoint(path, model, optimizer, args, phase, step, ctx):
-    """
-    Everything needed to continue: model, optimizer, data position, RNG, the smoothed loss and how
-    many metrics lines were written, through prepare_data.write_atomic (a temp file, flushed to disk,
-    renamed over the old one), so a crash or a full disk at any moment leaves the previous checkpoint whole.
-    """
-    state = {
-        "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "model_config": asdict(model.config), "args": vars(args), "phase": phase.name, "step": step,
-        "batch_size": phase.batch_size, "weight_decay": phase.weight_decay,
-        "flops": flops_at(phase, step, ctx),
-        "phase_flops_before": ctx["flops_before"], "phase_steps_before": ctx["steps_before"],
-        "smooth_loss": float(ctx["smooth_loss"]), "val_bpb": dict(ctx["val_bpb"]), "metrics_lines": ctx["log"].lines,
-        "loader": ctx["loader"].state_dict(), "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state() if args.device == "cuda" else torch.zeros(0, dtype=torch.uint8),
-    }
-    try:
-        prepare_data.write_atomic(path, lambda f: torch.save(state, f))
-    except OSError as e:
-        raise UsageError(f"could not write {path} ({e.strerror}); the previous checkpoint is untouched: free some disk space")
-
-
-def load_checkpoint(path):
-    """Load with weights_only=True: tensors and plain data only, never code from the file."""
-    if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}: give the shallow.pt of a finished phase 1")
-    try:
-        with warnings.catch_warnings():  # torch warns about odd pickles; the refusal below says it in one line
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # CPU: every rank, whatever its GPU
-    except Exception as e:
-        with open(path, "rb") as f:
-            head = f.read(4)
-        zipped, pickled = head == b"PK\x03\x04", head[:1] == b"\x80"  # torch.save's zip archive; a bare pickle
-        if "GLOBAL" in str(e) or (pickled and not zipped):
-            raise UsageError(f"{path} holds code or objects other than tensors: refused (checkpoints load with weights_only=True)")
-        why = "is truncated or damaged" if zipped else "is not a torch checkpoint"
-        raise UsageError(f"{path} {why}: use an intact checkpoint written by stack_gpt.py")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{path} is not a stack_gpt checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
-    ckpt["model_config"] = GPTConfig(**{**ckpt["model_config"], "ve_layers": tuple(ckpt["model_config"]["ve_layers"])})
-    return ckpt
-
-
-def check_init_from(ckpt, args, vocab_size):
-    """A shallow checkpoint must have the shape that these flags would have trained."""
-    if ckpt["phase"] != "shallow":
-        raise UsageError(f"{args.init_from} is a {ckpt['phase']} checkpoint: --init-from takes the shallow.pt of phase 1")
-    have, want = asdict(ckpt["model_config"]), asdict(model_config(args.depth, args.final_depth, args, vocab_size))
-    wrong = [f"{k}={have[k]} (this run: {want[k]})" for k in ("n_layer", "n_embd", "n_head", "vocab_size", "sequence_len") if have[k] != want[k]]
-    if wrong:
-        raise UsageError(f"--init-from checkpoint does not fit the flags or data: {', '.join(wrong)}; "
-                         "use the --depth/--stack-to/--aspect-ratio/--head-dim/--seq-len/--data it was trained with")
-
-
-def resume_point(args):
-    """
-    --resume: the most advanced checkpoint of the run in --out-dir (the periodic checkpoint.pt or
-    the end of phase 1), and the flags it was started with. None when the run already finished.
-    """
-    if os.path.exists(os.path.join(args.out_dir, "final.pt")):
-        return None
-    found = [load_checkpoint(p) for p in (os.path.join(args.out_dir, n) for n in ("checkpoint.pt", "shallow.pt")) if os.path.exists(p)]
-    if not found:
-        raise UsageError(f"nothing to resume in {args.out_dir}: no checkpoint.pt or shallow.pt (start runs with --save-every N)")
-    ckpt = max(found, key=lambda c: (c["phase"] != "shallow", c["step"]))  # a later phase, then a later step
-    # the machine's settings come from this command, everything else from the run's own flags
-    defaults = vars(get_parser().parse_args([]))  # flags added since the checkpoint was written take their defaults
-    saved = argparse.Namespace(**{**defaults, **ckpt["args"], "resume": True, "device": args.device, "compile": args.compile, "dtype": args.dtype, "out_dir": args.out_dir})
-    return ckpt, saved
-
-
-RUN_FILES = ("final.pt", "checkpoint.pt", "shallow.pt", "metrics.jsonl")
-
-
-def check_run_dir(args):
-    """Refuse to mix a new run into a folder holding another one, finished or not, without --overwrite."""
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UsageError(f"--out-dir {args.out_dir} is a file: choose a folder")
-    if args.init_from and os.path.realpath(os.path.dirname(os.path.abspath(args.init_from))) == os.path.realpath(args.out_dir):
-        raise UsageError(f"--init-from {args.init_from} lies in --out-dir {args.out_dir}, which this run clears: give another --out-dir")
-    if args.resume or args.overwrite:
-        return
-    if os.path.exists(os.path.join(args.out_dir, "final.pt")):
-        raise UsageError(f"{args.out_dir} already holds a finished run: pass --overwrite or choose another --out-dir")
-    if any(os.path.exists(os.path.join(args.out_dir, name)) for name in RUN_FILES):
-        raise UsageError(f"{args.out_dir} holds an unfinished run: --resume continues it, --overwrite starts over")
-
-
-def prepare_run_dir(args, metrics_lines=None):
-    """Save the config; start a fresh metrics file (and drop an old run's checkpoints), or cut a resumed one back."""
-    path = os.path.join(args.out_dir, "metrics.jsonl")
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        kept = []
-        if metrics_lines is None:
-            for name in RUN_FILES[:3]:
-                if os.path.exists(os.path.join(args.out_dir, name)):
-                    os.remove(os.path.join(args.out_dir, name))
-        elif os.path.exists(path):
-            kept = [line for line in open(path).readlines()[:metrics_lines] if line.endswith("\n")]
-        prepare_data.write_atomic(os.path.join(args.out_dir, "config.json"), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
-        prepare_data.write_atomic(path, lambda f: f.write("".join(kept).encode()))
-    except OSError as e:
-        raise UsageError(f"cannot write the run folder {args.out_dir} ({e.strerror}): choose another --out-dir")
-
-
-class RunLog:
-    """Prints a line and appends the same record to the run's metrics.jsonl (rank 0 only)."""
-
-    def __init__(self, out_dir, enabled, lines=0):
-        self.path, self.enabled, self.lines = os.path.join(out_dir, "metrics.jsonl"), enabled, lines
-
-    def __call__(self, line, **record):
-        if not self.enabled:
-            return
-        print(line, flush=True)
-        if record:
-            try:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as e:  # rank 0 exits with the message; torchrun then stops the other ranks
-                fix = "free some disk space" if e.errno == errno.ENOSPC else f"check that {os.path.dirname(self.path)} exists and is writable"
-                raise UsageError(f"cannot append to {self.path} ({e.strerror or e}): {fix}, "
-                                 "then rerun with --resume (if a checkpoint was saved) or --overwrite")
-            self.lines += 1
+def sample_text(model, tokenizer, prompt_tokens, max_tokens, autocast):
+    with autocast:
+        out = model.generate(prompt_tokens, max_tokens)
+    return tokenizer.decode(prompt_tokens) + "|" + tokenizer.decode(out)
 
 
 # -----------------------------------------------------------------------------
-# Devices and processes: autocast, MFU, and data parallel under torchrun
+# The training loop: train shallow, stack, train deep
 
-PEAK_BF16_FLOPS = [  # (substrings of the device name, dense bf16 FLOP/s); first match wins
-    (("h100", "pcie"), 756e12), (("h100", "nvl"), 835e12), (("h100",), 989e12), (("h200",), 989e12),
-    (("b200",), 2.25e15), (("a100",), 312e12), (("l40s",), 362e12), (("l40",), 181e12), (("l4",), 121e12),
-    (("rtx pro 6000",), 503.8e12), (("5090",), 209.5e12), (("4090",), 165.2e12), (("3090",), 71e12),
-]
-
-
-def peak_flops(device):
-    """The GPU's peak from the table, or None (CPU, unknown GPU): then no MFU is shown."""
-    if device != "cuda":
-        return None
-    name = torch.cuda.get_device_name().lower()
-    return next((peak for keys, peak in PEAK_BF16_FLOPS if all(k in name for k in keys)), None)
-
-
-def autocast_for(device, dtype):
-    return torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+@dataclass
+class RunState:
+    """What the loop carries from step to step and across the growth (the flags are in args)."""
+    loader: TokenWindows  # the train windows, and where the run is in them
+    log: machinery.RunLog  # prints a line and appends its record to metrics.jsonl
+    total_flops: int  # the whole run's budget: the length of the global LR schedule
+    flops_before: int = 0  # FLOPs spent before the current phase (the shallow phase, or the --init-from model)
+    steps_before: int = 0  # optimizer steps taken before the current phase
+    smooth_loss: torch.Tensor = None  # EMA of the train loss, kept on the device: read on log lines only
+    val_bpb: dict = field(default_factory=dict)  # each finished phase's final val bpb
+    rank: int = 0
+    world: int = 1  # processes under torchrun: each takes its share of every batch
+    peak_flops: float = None  # the GPU's peak, for MFU (None on CPUs and unknown GPUs)
 
 
-def setup_distributed(device):
-    """Under torchrun (which sets RANK and WORLD_SIZE) join the process group: NCCL on GPUs, gloo on CPU."""
-    if "RANK" not in os.environ:
-        return 0, 1
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def average_gradients(model, world):
-    """Every rank ends up with the mean of all ranks' gradients (each rank saw its own rows of the batch)."""
-    if world == 1:
-        return
-    grads = [p.grad for p in model.parameters()]
-    for g in grads:
-        dist.all_reduce(g)  # a sum over ranks (with NCCL these calls queue on the GPU and return at once)
-    torch._foreach_div_(grads, world)
-
-
-def broadcast_weights(model, world):
-    """Start every rank from rank 0's weights (they agree anyway: same seed, same growth)."""
-    if world > 1:
-        for t in model.state_dict().values():
-            dist.broadcast(t, 0)
-
-
-def check_replicas_agree(model, world):
-    """A cheap guard at the end of each phase: every rank must hold the same weights."""
-    if world > 1:
-        sums = torch.stack([p.detach().float().sum() for p in model.parameters()])
-        gathered = [torch.empty_like(sums) for _ in range(world)]
-        dist.all_gather(gathered, sums)
-        assert all(torch.equal(g, gathered[0]) for g in gathered), "the ranks' weights diverged"
-
-
-# -----------------------------------------------------------------------------
-# The training loop, one phase at a time
-
-LOSS_EMA_DECAY = 0.9  # the logged train loss is smoothed over roughly the last 10 steps
-
-
-def train_step(step_model, model, optimizer, phase, step, args, ctx):
+def train_step(step_model, model, optimizer, phase, step, args, state):
     """
     One optimizer step: gradients averaged over micro-batches and ranks, then the update at this
     step's schedule. `step_model` (the compiled model, or the model itself) runs forward and backward;
     `model` holds the parameters the gradients land in. Returns the step's mean loss (a tensor: no
     host sync) and the LR multiplier.
     """
-    accum = phase.batch_size // (args.device_batch_size * args.seq_len * ctx["world"])  # micro-batches per step and rank
+    accum = phase.batch_size // (args.device_batch_size * args.seq_len * state.world)  # micro-batches per step and rank
     loss_sum = torch.zeros((), device=args.device)
     for _ in range(accum):
-        x, y = ctx["loader"].next_batch(args.device_batch_size)
-        with ctx["autocast"]:
+        x, y = state.loader.next_batch(args.device_batch_size)
+        with autocast_for(args.device, args.dtype):
             loss = step_model(x, y)
         (loss / accum).backward()  # gradients add up over micro-batches: divide to get the mean
         loss_sum += loss.detach()
-    average_gradients(model, ctx["world"])
-    lrm, momentum, weight_decay = schedule_at(phase, step, args, ctx)
+    machinery.average_gradients(model, state.world)
+    lrm, momentum, weight_decay = schedule_at(phase, step, args, state)
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
         if group["kind"] == "muon":
             group["momentum"], group["weight_decay"] = momentum, weight_decay
     optimizer.step()
     model.zero_grad(set_to_none=True)
-    if ctx["world"] > 1:
+    if state.world > 1:
         dist.all_reduce(loss_sum)
-        loss_sum /= ctx["world"]
+        loss_sum /= state.world
     return loss_sum / accum, lrm
 
 
-def log_train_line(phase, steps_done, loss, smoothed, lrm, dt, elapsed, eta, ctx):
+def log_train_line(phase, steps_done, loss, smoothed, lrm, dt, elapsed, eta, state):
     """
     The log line and metrics record after `steps_done` steps, from the last step's loss and the loss
     EMA (floats; the EMA is debiased here). A loss that is not finite stops the run instead.
@@ -1104,15 +723,15 @@ def log_train_line(phase, steps_done, loss, smoothed, lrm, dt, elapsed, eta, ctx
         raise TrainingDiverged(f"{phase.name} phase: loss is {loss} at step {steps_done}; the last checkpoint is left as it was")
     tok_per_s = phase.batch_size / dt
     # model FLOPs utilization: the FLOP/s our FLOPs count says we do, over the peak of all GPUs together
-    mfu = 100 * phase.flops_per_token * tok_per_s / (ctx["peak"] * ctx["world"]) if ctx["peak"] else None
-    ctx["log"](f"{phase.name} step {steps_done}/{phase.steps} | loss {smoothed:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | "
-               f"tok/s {tok_per_s:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu is not None else "") +
-               f" | elapsed {elapsed / 60:.1f}m | eta {eta / 60:.1f}m",
-               kind="train", phase=phase.name, step=steps_done, loss=smoothed, raw_loss=loss, lrm=lrm, dt=dt,
-               tok_per_s=tok_per_s, mfu=mfu, flops=flops_at(phase, steps_done, ctx), elapsed=elapsed)
+    mfu = 100 * phase.flops_per_token * tok_per_s / (state.peak_flops * state.world) if state.peak_flops else None
+    state.log(f"{phase.name} step {steps_done}/{phase.steps} | loss {smoothed:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | "
+              f"tok/s {tok_per_s:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu is not None else "") +
+              f" | elapsed {elapsed / 60:.1f}m | eta {eta / 60:.1f}m",
+              kind="train", phase=phase.name, step=steps_done, loss=smoothed, raw_loss=loss, lrm=lrm, dt=dt,
+              tok_per_s=tok_per_s, mfu=mfu, flops=flops_at(phase, steps_done, state), elapsed=elapsed)
 
 
-def train_phase(phase, model, optimizer, args, ctx, start_step=0):
+def train_phase(phase, model, optimizer, args, state, evaluate, start_step=0):
     """Train `model` from start_step to phase.steps optimizer steps, evaluating on the way and at the end."""
     step_model = torch.compile(model, dynamic=False) if args.compile else model
     phase_start = last_log_time = time.time()
@@ -1120,220 +739,117 @@ def train_phase(phase, model, optimizer, args, ctx, start_step=0):
     for step in range(start_step, phase.steps + 1):
         if step == phase.steps or (args.eval_every and step % args.eval_every == 0):
             model.eval()
-            bpb = evaluate_bpb(step_model, ctx["val"], ctx["token_bytes"], ctx["autocast"])
+            bpb = evaluate(step_model)
             model.train()
-            ctx["log"](f"{phase.name} step {step}/{phase.steps} | val bpb {bpb:.4f}", kind="eval", phase=phase.name, step=step,
-                       val_bpb=bpb, flops=flops_at(phase, step, ctx))
+            state.log(f"{phase.name} step {step}/{phase.steps} | val bpb {bpb:.4f}", kind="eval", phase=phase.name, step=step,
+                      val_bpb=bpb, flops=flops_at(phase, step, state))
             last_log_time, last_log_step = time.time(), step  # keep eval time out of the step timings
         if step == phase.steps:
             break
-        loss, lrm = train_step(step_model, model, optimizer, phase, step, args, ctx)
-        ctx["smooth_loss"].lerp_(loss, 1 - LOSS_EMA_DECAY)  # smooth = decay * smooth + (1 - decay) * loss
+        loss, lrm = train_step(step_model, model, optimizer, phase, step, args, state)
+        state.smooth_loss.lerp_(loss, 1 - LOSS_EMA_DECAY)  # smooth = decay * smooth + (1 - decay) * loss
         if not (step + 1) % args.log_every or step + 1 == phase.steps:  # the host syncs only on logged steps
-            loss, smoothed = torch.stack([loss, ctx["smooth_loss"]]).tolist()  # waits for the GPU: time after this
+            loss, smoothed = torch.stack([loss, state.smooth_loss]).tolist()  # waits for the GPU: time after this
             now = time.time()
             dt = (now - last_log_time) / (step + 1 - last_log_step)  # mean over the steps since the last log line
             elapsed = now - phase_start
             eta = elapsed / (step + 1 - start_step) * (phase.steps - step - 1)
-            log_train_line(phase, step + 1, loss, smoothed, lrm, dt, elapsed, eta, ctx)
+            log_train_line(phase, step + 1, loss, smoothed, lrm, dt, elapsed, eta, state)
             last_log_time, last_log_step = now, step + 1
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < phase.steps:
-            save_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"), model, optimizer, args, phase, step + 1, ctx)
-    check_replicas_agree(model, ctx["world"])
-    if args.sample_tokens and ctx["rank"] == 0:
-        text = sample_text(model, ctx["tokenizer"], ctx["prompt"], args.sample_tokens, ctx["autocast"])
-        ctx["log"](f"{phase.name} sample: {text!r}", kind="sample", phase=phase.name, text=text)
-    ctx["val_bpb"][phase.name] = bpb
+            machinery.save_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"), model, optimizer, args, phase, step + 1,
+                                      flops_at(phase, step + 1, state), state)
+    machinery.check_replicas_agree(model, state.world)
+    state.val_bpb[phase.name] = bpb
 
 
-def grow(shallow, shallow_optimizer, deep_phase, args, ctx):
-    """The deep model and its optimizer, grown from the trained shallow model."""
+def grow_deep_model(shallow, shallow_optimizer, deep_phase, args, state):
+    """The deep model and its optimizer, grown from the trained shallow model (--grow, --grow-optim)."""
     growth_factor = args.stack_to // args.depth
     deep = stack_model(shallow, growth_factor, args.grow)
-    broadcast_weights(deep, ctx["world"])
+    machinery.broadcast_weights(deep, state.world)
     optimizer = build_optimizer(deep, args, deep_phase.batch_size, deep_phase.weight_decay)
     if args.grow_optim == "carry":
         carry_optimizer_state(shallow, shallow_optimizer, deep, optimizer, growth_factor, args.grow)
-    ctx["log"](f"grew {args.depth} -> {args.stack_to} layers by {args.grow}, optimizer state {args.grow_optim}")
+    state.log(f"grew {args.depth} -> {args.stack_to} layers by {args.grow}, optimizer state {args.grow_optim}")
     return deep, optimizer
 
 
-# The README's quick start: what to run on a CPU instead of a plan sized for a GPU (a test keeps the two the same).
-CPU_QUICK_START = ("python stack_gpt.py --depth 2 --stack-to 4 --aspect-ratio 32 --head-dim 32 --seq-len 256 --device-batch-size 16 "
-                   "--total-batch-size 4096 --ratio 2.5 --shallow-ratio 1.25 --eval-every 100 --eval-tokens 65536")
-MEMORIZING_EPOCHS = 10  # past this many passes over the train tokens, a model starts to memorize them
-
-
-def measure_flops_per_second(config, args):
+def train(phases, model, optimizer, first, start_step, args, state, evaluate, sample):
     """
-    This machine's speed on this model: one eager forward and backward of a scratch copy (its
-    random init runs on a forked RNG, so the run's own init is unchanged) over one micro-batch, or
-    fewer rows where that would take long on a CPU, timed on the second call (the first pays for
-    allocation and kernel selection), in FLOPs per second. A compiled run is faster than this.
+    The two-phase loop: train the shallow model, stack it into the deep one, train that. A baseline
+    has one phase; a resumed run starts inside phase `first` at `start_step`.
     """
-    with torch.random.fork_rng(devices=[]):
-        model = new_model(config, args.device, PRECISIONS[args.dtype])
-    row_flops = model.flops_per_token() * args.seq_len
-    rows = args.device_batch_size if args.device == "cuda" else max(1, min(args.device_batch_size, int(1e11 // row_flops)))  # CPU: ~1 s
-    tokens = torch.zeros(rows, args.seq_len, dtype=torch.long, device=args.device)
-    for _ in range(2):
-        start = time.perf_counter()
-        with autocast_for(args.device, args.dtype):
-            model(tokens, tokens).backward()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()  # the summary's peak memory is the run's, not this copy's
-    return row_flops * rows / seconds
-
-
-def estimate_seconds(phases, args, val_tokens, flops_per_second):
-    """Training plus evaluations (forward only: a third of a training token's FLOPs), at the measured speed."""
-    seconds = 0
-    for p in phases:
-        evals = p.steps // args.eval_every + 1 + (p.steps % args.eval_every > 0) if args.eval_every else 1  # step 0, every N, the end
-        seconds += (p.flops + evals * val_tokens * p.flops_per_token / 3) / flops_per_second
-    return seconds
-
-
-def describe_cost(seconds, flops_per_second, args):
-    """The expected wall time, and the CPU command to run instead when that is days."""
-    days, hours, minutes = seconds / 86400, seconds / 3600, seconds / 60
-    when = f"{days:.1f} days" if days >= 2 else f"{hours:.1f} hours" if hours >= 2 else f"{minutes:.1f} minutes"
-    lines = [f"estimated time: about {when} on this {args.device} ({flops_per_second:.3g} FLOP/s in a timed eager forward and backward "
-             f"of the first model; optimizer steps not counted)"]
-    if days >= 1 and args.device == "cpu":
-        lines.append(f"this plan is sized for a GPU. On a CPU, try the README's quick start instead: {CPU_QUICK_START}")
-    return "\n".join(lines)
-
-
-def paper_growth_tokens(params, flops):
-    """Du et al.'s fit for how many tokens to train before growing: log10 d = 0.88 log10 N + 163.27 / log10 C - 5.74."""
-    return 10 ** (0.88 * math.log10(params) + 163.27 / math.log10(flops) - 5.74)
-
-
-def describe_plan(phases, args, meta, flops_before=0):
-    """What the run will do, in FLOPs and tokens, before it starts."""
-    lines = []
-    for p in phases:
-        c = p.config
-        lines.append(f"{p.name}: {c.n_layer} layers x {c.n_embd} wide, {c.n_head} heads | {p.steps} steps x {p.batch_size:,} tokens"
-                     f" | {p.flops_per_token:.3e} FLOPs/token | {p.flops:.3e} FLOPs | warmdown {p.warmdown_ratio} | wd {p.weight_decay:.4f}")
-    tokens = [p.batch_size * p.steps for p in phases]
-    total_flops = flops_before + sum(p.flops for p in phases)
-    epochs = sum(tokens) / meta["train_tokens"]
-    lines.append(f"total: {total_flops:.3e} FLOPs, {sum(tokens):,} tokens"
-                 + (f" = {epochs:.2f} epochs of the {meta['train_tokens']:,} train tokens" if epochs > 1 else "")
-                 + (f" | one LR schedule over the whole run, warmdown {args.warmdown_ratio}" if args.schedule == "global" else ""))
-    if args.stacked and not flops_before:
-        with torch.device("meta"):
-            deep_params = GPT(phases[-1].config).param_counts()["total"]
-        fit = paper_growth_tokens(deep_params, total_flops)
-        lines.append(f"growth after {phases[0].flops / total_flops:.1%} of the FLOPs and {tokens[0] / sum(tokens):.1%} of the tokens; "
-                     f"the paper's fit for {deep_params:,} params and {total_flops:.2e} FLOPs grows after {fit:.3g} tokens"
-                     + (" (beyond this whole run: its fit does not reach down to this scale)" if fit > sum(tokens) else ""))
-    if epochs > MEMORIZING_EPOCHS:
-        lines.append(f"this plan reads the train tokens {epochs:.0f} times: past about {MEMORIZING_EPOCHS} the model memorizes them and val bpb "
-                     f"stops meaning much; build a larger dataset (python prepare_data.py --dataset pylibs, or fineweb-edu) or lower --ratio")
-    return "\n".join(lines)
-
-
-def restore(ckpt, args, ctx, same_data=True):
-    """Model and optimizer from a checkpoint, with the RNG and (for the same data and seed) the data position it saved."""
-    model = new_model(ckpt["model_config"], args.device, PRECISIONS[args.dtype])
-    model.load_state_dict(ckpt["model"])
-    optimizer = build_optimizer(model, args, ckpt["batch_size"], ckpt["weight_decay"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if same_data:
-        ctx["loader"].load_state_dict(ckpt["loader"])
-    torch.set_rng_state(ckpt["rng"])
-    if args.device == "cuda" and ckpt["cuda_rng"].numel():  # empty when it was saved on a CPU
-        torch.cuda.set_rng_state(ckpt["cuda_rng"])
-    return model, optimizer
-
-
-def starting_point(phases, resume, init, args, ctx):
-    """
-    The model and optimizer to train, the index of the phase to start in and the step within it:
-    an interrupted run (--resume, which also puts back ctx's FLOPs and steps so far, val bpb and
-    loss EMA), a trained shallow model (--init-from), or a new model.
-    """
-    if resume:
-        model, optimizer = restore(resume, args, ctx)
-        ctx.update(flops_before=resume["phase_flops_before"], steps_before=resume["phase_steps_before"], val_bpb=resume["val_bpb"])
-        ctx["smooth_loss"].fill_(resume["smooth_loss"])
-        ctx["log"](f"resuming {args.out_dir}: {resume['phase']} step {resume['step']}, {resume['flops']:.3e} FLOPs spent")
-        return model, optimizer, [p.name for p in phases].index(resume["phase"]), resume["step"]
-    if init:
-        same_data = os.path.realpath(init["args"]["data"]) == os.path.realpath(args.data) and init["args"]["seed"] == args.seed
-        model, optimizer = restore(init, args, ctx, same_data)
-        ctx["log"](f"shallow model from {args.init_from} ({init['flops']:.3e} FLOPs spent); the deep phase reads "
-                   + ("on from where it stopped" if same_data else "its data from the start (other data or seed)"))
-        return model, optimizer, 0, 0
-    model = build_model(phases[0].config, args.device, PRECISIONS[args.dtype])
-    return model, build_optimizer(model, args, phases[0].batch_size, phases[0].weight_decay), 0, 0
+    for phase in phases[first:]:
+        if model.config.n_layer != phase.config.n_layer:
+            # The shallow phase is over: grow. Expect the deep model's first val bpb to be worse than the
+            # shallow model's last one, often worse than an untrained model's: the second pass of copies
+            # reads a residual stream that the first pass has already written to, which these layers never
+            # saw in training. Within about a hundred steps it is below where the shallow model stopped.
+            # (--grow identity starts the copies as pass-throughs: no jump, and no head start from them.)
+            model, optimizer = grow_deep_model(model, optimizer, phase, args, state)
+        if start_step < phase.steps:
+            train_phase(phase, model, optimizer, args, state, evaluate, start_step)
+            sample(model, phase)
+            name = "shallow.pt" if phase.name == "shallow" else "final.pt"
+            machinery.save_checkpoint(os.path.join(args.out_dir, name), model, optimizer, args, phase, phase.steps,
+                                      flops_at(phase, phase.steps, state), state)
+        state.flops_before += phase.flops
+        state.steps_before += phase.steps
+        state.smooth_loss.zero_()
+        start_step = 0
 
 
 def run(args):
-    """Everything that can fail on bad input is checked before the run folder is touched."""
+    """Set up, then train. Everything that can fail on bad input is checked before the run folder is touched."""
     resume = None
     if args.resume:
-        found = resume_point(args)
+        found = machinery.resume_point(args, get_parser())
         if found is None:
             print(f"{args.out_dir} already finished: nothing to resume")
             return
         resume, args = found
-    check_run_dir(args)
-    rank, world = setup_distributed(args.device)
+    machinery.check_run_dir(args)
+    rank, world = machinery.setup_distributed(args.device)
     torch.manual_seed(args.seed)
-    meta, train_shards, val_shards = load_data(args)
-    init = load_checkpoint(args.init_from) if args.init_from else None
+    meta, train_shards, val_shards = load_data(args.data)
+    init = machinery.load_checkpoint(args.init_from) if args.init_from else None
     if init:
-        check_init_from(init, args, meta["vocab_size"])
-    baseline = read_metrics(args.baseline) if args.baseline else None
+        machinery.check_init_from(init, args, model_config(args.depth, args.final_depth, args, meta["vocab_size"]))
+    baseline = reports.read_metrics(args.baseline) if args.baseline else None
     phases = plan_phases(args, meta["vocab_size"], shallow_flops=init["flops"] if init else None, world=world)
-    flops_before = init["flops"] if init else 0
-    val = val_batches(val_shards, args, args.device)
-    ctx = dict(rank=rank, world=world, peak=peak_flops(args.device), autocast=autocast_for(args.device, args.dtype),
-               tokenizer=prepare_data.load_tokenizer(args.data), loader=TokenWindows(train_shards, args.seq_len, args.seed, args.device, rank, world),
-               val=val[rank::world], prompt=[int(t) for t in val_shards[0][:8]],
-               token_bytes=torch.tensor(prepare_data.load_token_bytes(args.data), device=args.device), val_bpb={},
-               flops_before=flops_before, steps_before=init["step"] if init else 0, smooth_loss=torch.zeros((), device=args.device),
-               total_flops=flops_before + sum(p.flops for p in phases))
-    metrics_lines = resume["metrics_lines"] if resume else None  # the records a resumed run keeps
-    on_rank0(lambda: prepare_run_dir(args, metrics_lines), ctx)  # before anyone logs to it
-    log = ctx["log"] = RunLog(args.out_dir, enabled=rank == 0, lines=metrics_lines or 0)
-    log(f"config: {json.dumps(vars(args))}")
+    loader = TokenWindows(train_shards, args.seq_len, args.seed, args.device, rank, world)
+    val = val_batches(val_shards, args.eval_tokens, args.seq_len, args.device_batch_size, args.device)
+    tokenizer, token_bytes = prepare_data.load_tokenizer(args.data), torch.tensor(prepare_data.load_token_bytes(args.data), device=args.device)
+    flops_before, metrics_lines = init["flops"] if init else 0, resume["metrics_lines"] if resume else None  # the records a resumed run keeps
+    machinery.on_rank0(lambda: machinery.prepare_run_dir(args, metrics_lines), rank, world)  # before anyone logs to it
+    state = RunState(loader=loader, log=machinery.RunLog(args.out_dir, enabled=rank == 0, lines=metrics_lines or 0),
+                     total_flops=flops_before + sum(p.flops for p in phases), flops_before=flops_before, steps_before=init["step"] if init else 0,
+                     smooth_loss=torch.zeros((), device=args.device), rank=rank, world=world, peak_flops=reports.peak_flops(args.device))
+    state.log(f"config: {json.dumps(vars(args))}")
     if args.device == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls outside autocast
     if not resume:
-        flops_per_second = measure_flops_per_second(phases[0].config, args) * world
-        seconds = estimate_seconds(phases, args, sum(x.numel() for x, _ in val), flops_per_second)
-        log(describe_plan(phases, args, meta, flops_before) + "\n" + describe_cost(seconds, flops_per_second, args),
-            kind="plan", phases=[{**asdict(p), "flops": p.flops} for p in phases], estimated_seconds=seconds)
+        log_plan(phases, args, meta, sum(x.numel() for x, _ in val), state)
     start = time.time()
-    model, optimizer, first, start_step = starting_point(phases, resume, init, args, ctx)
+    model, optimizer, first, start_step = starting_point(phases, resume, init, args, state)
     del resume, init  # their tensors now live in the model and optimizer
-    broadcast_weights(model, world)
-    for phase in phases[first:]:
-        if model.config.n_layer != phase.config.n_layer:  # the shallow phase is over: grow
-            model, optimizer = grow(model, optimizer, phase, args, ctx)
-        if start_step < phase.steps:
-            train_phase(phase, model, optimizer, args, ctx, start_step)
-            name = "shallow.pt" if phase.name == "shallow" else "final.pt"
-            save_checkpoint(os.path.join(args.out_dir, name), model, optimizer, args, phase, phase.steps, ctx)
-        ctx["flops_before"] += phase.flops
-        ctx["steps_before"] += phase.steps
-        ctx["smooth_loss"].zero_()
-        start_step = 0
+    machinery.broadcast_weights(model, world)
+    autocast, prompt = autocast_for(args.device, args.dtype), [int(t) for t in val_shards[0][:8]]
+
+    def sample(model, phase):
+        if args.sample_tokens and rank == 0:
+            text = sample_text(model, tokenizer, prompt, args.sample_tokens, autocast)
+            state.log(f"{phase.name} sample: {text!r}", kind="sample", phase=phase.name, text=text)
+
+    train(phases, model, optimizer, first, start_step, args, state, lambda m: evaluate_bpb(m, val[rank::world], token_bytes, autocast), sample)
     wall = time.time() - start
     memory = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
-    log(f"done: val bpb {' | '.join(f'{k} {v:.4f}' for k, v in ctx['val_bpb'].items())} | {ctx['flops_before']:.3e} FLOPs | {wall / 60:.1f} min"
-        + (f" | peak memory {memory:.1f} GiB" if memory else ""), kind="summary", val_bpb=ctx["val_bpb"], flops=ctx["flops_before"],
-        phase_flops={p.name: p.flops for p in phases}, wall_time=wall, peak_memory_gib=memory)
+    state.log(f"done: val bpb {' | '.join(f'{k} {v:.4f}' for k, v in state.val_bpb.items())} | {state.flops_before:.3e} FLOPs | {wall / 60:.1f} min"
+              + (f" | peak memory {memory:.1f} GiB" if memory else ""), kind="summary", val_bpb=state.val_bpb, flops=state.flops_before,
+              phase_flops={p.name: p.flops for p in phases}, wall_time=wall, peak_memory_gib=memory)
     if baseline:
-        log(format_report([acceleration(baseline, read_metrics(log.path), args.out_dir)]))
+        state.log(reports.format_report([reports.acceleration(baseline, reports.read_metrics(state.log.path), args.out_dir)]))
     if world > 1:
         dist.barrier()  # leave together, then skip the interpreter's teardown: with gloo it can abort at exit
         dist.destroy_process_group()
@@ -1342,80 +858,84 @@ def run(args):
 
 
 # -----------------------------------------------------------------------------
-# The acceleration report: how much of the baseline's compute did the stacked run need?
+# Command line
 
-def read_metrics(path):
-    """The records of a run's metrics.jsonl (path to the file or to its run folder)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise UsageError(f"no metrics file at {path}: give a run folder or its metrics.jsonl")
-    needs = {"train": ("flops", "loss"), "eval": ("flops", "val_bpb")}  # what the acceleration report reads
-    records = []
-    try:
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UsageError(f"{path} line {n} is not JSON (a run killed mid-write?): remove that line") from None
-                if not isinstance(record, dict) or not all(k in record for k in needs.get(record.get("kind"), ())):
-                    raise UsageError(f"{path} line {n} is not a stack_gpt metrics record: give the metrics.jsonl of a run")
-                records.append(record)
-    except UnicodeDecodeError:
-        raise UsageError(f"{path} is not a text file: give a run folder or its metrics.jsonl") from None
-    for kind in needs:
-        if not any(r.get("kind") == kind for r in records):
-            raise UsageError(f"{path} has no {kind} records yet: give the metrics of a run that has trained and evaluated")
-    return records
-
-
-def first_reaching(records, key, target):
-    """Cumulative FLOPs at the first record whose `key` is at or below target, or None."""
-    return next((r["flops"] for r in records if r[key] <= target), None)
-
-
-def acceleration(baseline, run, name):
-    """
-    Compare a run with a baseline as the paper and the write-up do: the fraction of the
-    baseline's total FLOPs at which the run (shallow phase included) first reaches the
-    baseline's final smoothed train loss, and its final val bpb. saving = 1 - fraction,
-    and the paper's speedup = 1/fraction - 1 (compute the baseline needed over what we needed).
-    """
-    base_train = [r for r in baseline if r["kind"] == "train"]
-    base_evals = [r for r in baseline if r["kind"] == "eval"]
-    train = [r for r in run if r["kind"] == "train"]
-    evals = [r for r in run if r["kind"] == "eval"]
-    budget = base_evals[-1]["flops"]
-    at_budget = [r for r in evals if r["flops"] <= budget * (1 + 1e-9)]
-    row = dict(name=name, val_bpb=evals[-1]["val_bpb"], flops=evals[-1]["flops"], baseline_val_bpb=base_evals[-1]["val_bpb"],
-               baseline_flops=budget, val_bpb_at_budget=at_budget[-1]["val_bpb"] if at_budget else None)
-    for metric, records, key, target in [("loss", train, "loss", base_train[-1]["loss"]), ("bpb", evals, "val_bpb", base_evals[-1]["val_bpb"])]:
-        reached = first_reaching(records, key, target)
-        fraction = reached / budget if reached is not None else None
-        row[f"{metric}_fraction"] = fraction
-        row[f"{metric}_saving"] = 1 - fraction if fraction else None
-        row[f"{metric}_speedup"] = 1 / fraction - 1 if fraction else None
-    return row
-
-
-def format_report(rows):
-    """The rows of acceleration() as a markdown table."""
-    pct = lambda x: "not reached" if x is None else f"{100 * x:.1f}%"
-    lines = [f"baseline: val bpb {rows[0]['baseline_val_bpb']:.4f} at {rows[0]['baseline_flops']:.3e} FLOPs", "",
-             "| run | val bpb | FLOPs | val bpb at baseline FLOPs | reaches baseline train loss at | saving | speedup "
-             "| reaches baseline val bpb at | saving | speedup |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        at_budget = "-" if r["val_bpb_at_budget"] is None else f"{r['val_bpb_at_budget']:.4f}"
-        lines.append(f"| {r['name']} | {r['val_bpb']:.4f} | {r['flops']:.3e} | {at_budget} | "
-                     + " | ".join(f"{pct(r[m + '_fraction'])} | {pct(r[m + '_saving'])} | {pct(r[m + '_speedup'])}" for m in ("loss", "bpb")) + " |")
-    return "\n".join(lines)
+def get_parser():
+    p = prepare_data.OneLineParser(description="Train a GPT, optionally grow it by layer stacking, and train the deep model.",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model_flags = p.add_argument_group("model")
+    model_flags.add_argument("--depth", type=int, default=12, help="number of layers of the model trained first (the shallow model when --stack-to is set)")
+    model_flags.add_argument("--stack-to", type=int, default=None, help="final depth after stacking; a multiple of --depth (omit for a plain baseline run)")
+    model_flags.add_argument("--aspect-ratio", type=int, default=64, help="model width = final depth * aspect ratio, rounded up to a multiple of --head-dim")
+    model_flags.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
+    model_flags.add_argument("--seq-len", type=int, default=2048, help="context length in tokens")
+    horizon_flags = p.add_argument_group("horizon")
+    horizon_flags.add_argument("--ratio", type=finite_float, default=10.5, help="data:param ratio of the baseline: the final-depth model trained at this ratio sets the FLOPs budget of the whole run")
+    horizon_flags.add_argument("--target-flops", type=finite_float, default=None, help="total FLOPs budget of the run (overrides --ratio)")
+    horizon_flags.add_argument("--shallow-ratio", type=finite_float, default=3.25, help="data:param ratio of the shallow phase")
+    horizon_flags.add_argument("--grow-at", type=finite_float, default=None, help="grow after this share of the FLOPs budget, between 0 and 1 (overrides --shallow-ratio)")
+    horizon_flags.add_argument("--shallow-steps", type=int, default=None, help="explicit number of shallow-phase steps (overrides --shallow-ratio)")
+    horizon_flags.add_argument("--deep-ratio", type=finite_float, default=None, help="data:param ratio of the deep phase (default: whatever fills the FLOPs budget)")
+    horizon_flags.add_argument("--deep-steps", type=int, default=None, help="explicit number of steps of the deep (or only) phase")
+    optim_flags = p.add_argument_group("optimization")
+    optim_flags.add_argument("--total-batch-size", type=int, default=None, help=f"tokens per optimizer step (default: nanochat's rule, 2^19 at d12, scaled by model size^{BATCH_EXPONENT})")
+    optim_flags.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass; gradients are accumulated up to the total batch")
+    optim_flags.add_argument("--lr-scale", type=finite_float, default=1.0, help="multiplies every learning rate below (a one-knob LR sweep)")
+    optim_flags.add_argument("--matrix-lr", type=finite_float, default=0.02, help="Muon learning rate for the block matrices")
+    optim_flags.add_argument("--embedding-lr", type=finite_float, default=0.3, help="AdamW learning rate for token and value embeddings")
+    optim_flags.add_argument("--unembedding-lr", type=finite_float, default=0.004, help="AdamW learning rate for the lm_head")
+    optim_flags.add_argument("--scalar-lr", type=finite_float, default=0.5, help="AdamW learning rate for x0_lambdas (resid_lambdas get 1%% of it)")
+    optim_flags.add_argument("--weight-decay", type=finite_float, default=0.2, help="Muon cautious weight decay at d12 (scaled with batch and horizon)")
+    optim_flags.add_argument("--warmup-ratio", type=finite_float, default=0.0, help="fraction of each phase (of the whole run with --schedule global) spent in linear LR warmup")
+    optim_flags.add_argument("--warmdown-ratio", type=finite_float, default=None, help="fraction of the deep (or only) phase spent decaying the LR (default: 1.0 after stacking, 0.5 for a baseline or a global schedule)")
+    optim_flags.add_argument("--shallow-warmdown-ratio", type=finite_float, default=0.0, help="warmdown ratio of the shallow phase")
+    optim_flags.add_argument("--final-lr-frac", type=finite_float, default=0.0, help="LR multiplier at the end of warmdown")
+    evaluation_flags = p.add_argument_group("evaluation and logging")
+    evaluation_flags.add_argument("--eval-every", type=int, default=250, help="evaluate val bpb every N steps (and at the end of each phase); 0 = only at the end")
+    evaluation_flags.add_argument("--eval-tokens", type=int, default=40 * REFERENCE_BATCH, help="number of val tokens per evaluation (the same ones every time; nanochat's size)")
+    evaluation_flags.add_argument("--sample-tokens", type=int, default=48, help="tokens to sample at the end of each phase (0 = no sample)")
+    evaluation_flags.add_argument("--log-every", type=int, default=1, help="print and record the train loss every N steps")
+    growth_flags = p.add_argument_group("growth (see the README for what each choice tests)")
+    growth_flags.add_argument("--grow", choices=GROW_OPERATORS, default="stack", help="how the shallow layers become the deep ones")
+    growth_flags.add_argument("--grow-optim", choices=("reset", "carry"), default="reset", help="start the deep phase's optimizer fresh, or carry each parameter's state to its copies")
+    growth_flags.add_argument("--schedule", choices=("phases", "global"), default="phases", help="each phase its own LR schedule, or one schedule over the whole run's FLOPs")
+    growth_flags.add_argument("--baseline", default=None, help="metrics.jsonl (or run folder) of a baseline run: end with the acceleration report against it")
+    growth_flags.add_argument("--compare", nargs="+", metavar="METRICS", default=None, help="print the acceleration report of finished runs against the first one (a baseline) and exit")
+    run_flags = p.add_argument_group("run")
+    run_flags.add_argument("--data", default=prepare_data.DEFAULT_DATA_DIR, help="dataset folder written by prepare_data.py")
+    run_flags.add_argument("--out-dir", default=None, help="run folder for config, metrics and checkpoints (default: runs/<d6s12 or d12>)")
+    run_flags.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds another run, finished or not (its checkpoints are deleted)")
+    run_flags.add_argument("--save-every", type=int, default=0, help="also write checkpoint.pt every N steps of either phase, for --resume (0 = never)")
+    run_flags.add_argument("--resume", action="store_true", help="continue the interrupted run in --out-dir from its latest checkpoint, with the flags it was started with (--device, --compile and --dtype: this command's)")
+    run_flags.add_argument("--init-from", default=None, help="shallow checkpoint to start from: skips phase 1 (one shallow model can serve many deep runs)")
+    run_flags.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    run_flags.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on for CUDA, off for CPU)")
+    run_flags.add_argument("--dtype", choices=PRECISIONS, default=None, help="bf16: autocast matmuls, bf16 lookup tables and Polar Express (the GPU path); "
+                           "fp32: all but the rotary tables (bf16, as nanochat's) in fp32 (default: bf16 on CUDA, fp32 on CPU, where bf16 is often emulated and slow)")
+    run_flags.add_argument("--seed", type=int, default=0, help="seed for the initialization and the data order")
+    return p
 
 
-def compare_runs(paths):
-    baseline = read_metrics(paths[0])
-    return format_report([acceleration(baseline, read_metrics(p), p) for p in paths[1:]])
+def resolve_args(argv=None):
+    """Parse the flags, check them (machinery.check_flags), and fill in the defaults that depend on other flags."""
+    args = get_parser().parse_args(argv)
+    machinery.check_flags(args)
+    args.stacked = args.stack_to is not None
+    args.final_depth = args.stack_to if args.stacked else args.depth
+    if model_width(args.final_depth, args) < VE_GATE_CHANNELS:
+        raise UsageError(f"the model is narrower than the {VE_GATE_CHANNELS} channels the value-embedding gate reads: raise --aspect-ratio")
+    if args.warmdown_ratio is None:  # the write-up's best deep-phase value after stacking, else nanochat's default
+        args.warmdown_ratio = 1.0 if args.stacked and args.schedule == "phases" else 0.5
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.compile is None:
+        args.compile = args.device == "cuda"
+    if args.dtype is None:  # GPUs are fast in bf16; many CPUs have no native bf16 and emulate it, tens of times slower than fp32
+        args.dtype = "bf16" if args.device == "cuda" else "fp32"
+    if args.out_dir is None:
+        name = f"d{args.depth}s{args.stack_to}" if args.stacked else f"d{args.depth}"
+        args.out_dir = os.path.join("runs", name)
+    return args
 
 
 def main(argv=None):
@@ -1424,7 +944,7 @@ def main(argv=None):
         if args.compare:
             if len(args.compare) < 2:
                 raise UsageError("--compare needs a baseline run and at least one run to compare with it")
-            print(compare_runs(args.compare))
+            print(reports.compare_runs(args.compare))
         else:
             run(args)
     except (UsageError, DataError) as e:
@@ -1434,6 +954,60 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
+
+# -----------------------------------------------------------------------------
+# Machinery: checkpoints, the plan's printout, devices (machinery.py has the rest; skip on a first reading)
+
+def restore(ckpt, args, state, same_data=True):
+    """Model and optimizer from a checkpoint, with the RNG and (for the same data and seed) the data position it saved."""
+    model = empty_model(GPTConfig.from_checkpoint(ckpt), args.device, PRECISIONS[args.dtype])
+    model.load_state_dict(ckpt["model"])
+    optimizer = build_optimizer(model, args, ckpt["batch_size"], ckpt["weight_decay"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if same_data:
+        state.loader.load_state_dict(ckpt["loader"])
+    torch.set_rng_state(ckpt["rng"])
+    if args.device == "cuda" and ckpt["cuda_rng"].numel():  # empty when it was saved on a CPU
+        torch.cuda.set_rng_state(ckpt["cuda_rng"])
+    return model, optimizer
+
+
+def starting_point(phases, resume, init, args, state):
+    """
+    The model and optimizer to train, the index of the phase to start in and the step within it:
+    an interrupted run (--resume, which also puts back the state's FLOPs and steps so far, val bpb and
+    loss EMA), a trained shallow model (--init-from), or a new model.
+    """
+    if resume:
+        model, optimizer = restore(resume, args, state)
+        state.flops_before, state.steps_before, state.val_bpb = resume["phase_flops_before"], resume["phase_steps_before"], resume["val_bpb"]
+        state.smooth_loss.fill_(resume["smooth_loss"])
+        state.log(f"resuming {args.out_dir}: {resume['phase']} step {resume['step']}, {resume['flops']:.3e} FLOPs spent")
+        return model, optimizer, [p.name for p in phases].index(resume["phase"]), resume["step"]
+    if init:
+        same_data = os.path.realpath(init["args"]["data"]) == os.path.realpath(args.data) and init["args"]["seed"] == args.seed
+        model, optimizer = restore(init, args, state, same_data)
+        state.log(f"shallow model from {args.init_from} ({init['flops']:.3e} FLOPs spent); the deep phase reads "
+                   + ("on from where it stopped" if same_data else "its data from the start (other data or seed)"))
+        return model, optimizer, 0, 0
+    model = build_model(phases[0].config, args.device, PRECISIONS[args.dtype])
+    return model, build_optimizer(model, args, phases[0].batch_size, phases[0].weight_decay), 0, 0
+
+
+def log_plan(phases, args, meta, val_tokens, state):
+    """Before training: the plan and its expected wall time, in words (reports.py) and as a record."""
+    with torch.random.fork_rng(devices=[]):  # a scratch model: its random init leaves the run's own unchanged
+        scratch = empty_model(phases[0].config, args.device, PRECISIONS[args.dtype])
+    flops_per_second = reports.measure_flops_per_second(scratch, args, autocast_for(args.device, args.dtype)) * state.world
+    seconds = reports.estimate_seconds(phases, args, val_tokens, flops_per_second)
+    with torch.device("meta"):
+        deep_params = GPT(phases[-1].config).param_counts()["total"]
+    state.log(reports.describe_plan(phases, args, meta, deep_params, state.flops_before) + "\n" + reports.describe_cost(seconds, flops_per_second, args),
+              kind="plan", phases=[{**asdict(p), "flops": p.flops} for p in phases], estimated_seconds=seconds)
+
+
+def autocast_for(device, dtype):
+    return torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,9 @@ import pytest
 import regex
 import torch
 
+import machinery
 import prepare_data
+import reports
 import stack_gpt as sg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -494,7 +496,7 @@ def test_padded_vocab_and_logits_shape():
     assert model.wte.weight.shape[0] == 128 and model.lm_head.weight.shape[0] == 128
     logits = model(torch.randint(0, 100, (2, 16)))
     assert logits.shape == (2, 16, 100)
-    assert logits.abs().max() <= sg.GPT.SOFTCAP
+    assert logits.abs().max() <= sg.SOFTCAP
 
 
 def test_flops_per_token_hand_count():
@@ -531,11 +533,11 @@ def test_val_windows_are_spread_over_the_whole_split():
     """A small eval samples all of the val split, not its first documents; the same windows every time."""
     shards = [np.arange(1000, dtype=np.uint16), np.arange(1000, 1401, dtype=np.uint16)]  # 10 + 4 windows, one every 99 tokens
     args = types.SimpleNamespace(seq_len=99, eval_tokens=4 * 99, device_batch_size=3)
-    batches = sg.val_batches(shards, args, "cpu")
+    batches = prepare_data.val_batches(shards, args.eval_tokens, args.seq_len, args.device_batch_size, "cpu")
     firsts = [int(x[row, 0]) for x, _ in batches for row in range(x.size(0))]
     assert firsts == [0, 4 * 99, 9 * 99, 1000 + 3 * 99]  # windows 0, 4, 9, 13 of 14: the first, the last and evenly between
     assert [x.shape[0] for x, _ in batches] == [3, 1]
-    assert firsts == [int(x[row, 0]) for x, _ in sg.val_batches(shards, args, "cpu") for row in range(x.size(0))]
+    assert firsts == [int(x[row, 0]) for x, _ in prepare_data.val_batches(shards, args.eval_tokens, args.seq_len, args.device_batch_size, "cpu") for row in range(x.size(0))]
 
 
 def test_causal_model_ignores_future_tokens():
@@ -592,7 +594,11 @@ def test_timing_the_machine_leaves_the_run_unchanged():
     """The speed measurement before training builds and runs a scratch model: the run's RNG must not move."""
     args = sg.resolve_args(["--device", "cpu", "--seq-len", "16", "--device-batch-size", "2"])
     before = torch.get_rng_state()
-    assert sg.measure_flops_per_second(tiny_config(), args) > 0
+    phases = [sg.Phase("baseline", tiny_config(), 10, 64, 1000, 0.0, 0.5)]
+    state = types.SimpleNamespace(world=1, flops_before=0, log=lambda line, **record: records.append(record))
+    records = []
+    sg.log_plan(phases, args, {"train_tokens": 10**6}, 64, state)
+    assert records[0]["kind"] == "plan" and records[0]["estimated_seconds"] > 0
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -851,24 +857,24 @@ def test_a_gpu_sized_plan_on_a_cpu_says_what_it_costs():
     """The headline command on a CPU: an estimate in days, the README's CPU command, and too many epochs."""
     args = sg.resolve_args(["--depth", "6", "--stack-to", "12", "--device", "cpu"])
     phases = sg.plan_phases(args, vocab_size=4096)
-    seconds = sg.estimate_seconds(phases, args, val_tokens=131072, flops_per_second=1e11)
+    seconds = reports.estimate_seconds(phases, args, val_tokens=131072, flops_per_second=1e11)
     shallow, deep = phases
     assert (shallow.steps, deep.steps, args.eval_every) == (282, 1619, 250)  # so 3 and 8 evaluations, forward only
     evals = (3 * shallow.flops_per_token + 8 * deep.flops_per_token) * 131072 / 3
     assert seconds == pytest.approx((shallow.flops + deep.flops + evals) / 1e11)
-    cost = sg.describe_cost(seconds, 1e11, args)
-    assert "days on this cpu" in cost and sg.CPU_QUICK_START in cost
-    plan = sg.describe_plan(phases, args, {"train_tokens": 3_423_110})
+    cost = reports.describe_cost(seconds, 1e11, args)
+    assert "days on this cpu" in cost and reports.CPU_QUICK_START in cost
+    plan = reports.describe_plan(phases, args, {"train_tokens": 3_423_110}, deep_params=10**8)
     assert "reads the train tokens 291 times" in plan and "--dataset pylibs" in plan
-    quick = sg.resolve_args(sg.CPU_QUICK_START.split()[2:] + ["--device", "cpu"])
+    quick = sg.resolve_args(reports.CPU_QUICK_START.split()[2:] + ["--device", "cpu"])
     quick_phases = sg.plan_phases(quick, vocab_size=4096)
-    assert "minutes" in sg.describe_cost(sg.estimate_seconds(quick_phases, quick, 65536, 1e10), 1e10, quick)
-    assert "reads the train tokens" not in sg.describe_plan(quick_phases, quick, {"train_tokens": 3_423_110})
+    assert "minutes" in reports.describe_cost(reports.estimate_seconds(quick_phases, quick, 65536, 1e10), 1e10, quick)
+    assert "reads the train tokens" not in reports.describe_plan(quick_phases, quick, {"train_tokens": 3_423_110}, deep_params=10**6)
 
 
 def test_the_readme_quick_start_is_the_one_the_script_suggests():
     with open(os.path.join(HERE, "README.md")) as f:
-        assert sg.CPU_QUICK_START in f.read().replace("\n", " ")
+        assert reports.CPU_QUICK_START in f.read().replace("\n", " ")
 
 
 @pytest.mark.parametrize("share", [0.2, 0.8])
@@ -916,10 +922,10 @@ def test_global_schedule_is_continuous_across_growth():
                                        "--total-batch-size", "4096", "--device-batch-size", "2", "--schedule", "global",
                                        "--final-lr-frac", "0.1", "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "256"])
     assert args.warmdown_ratio == 0.5
-    ctx = dict(flops_before=0, steps_before=0, total_flops=shallow.flops + deep.flops)
-    lrms = [sg.schedule_at(shallow, step, args, ctx) for step in range(shallow.steps)]
-    ctx.update(flops_before=shallow.flops, steps_before=shallow.steps)
-    lrms += [sg.schedule_at(deep, step, args, ctx) for step in range(deep.steps + 1)]
+    state = types.SimpleNamespace(flops_before=0, steps_before=0, total_flops=shallow.flops + deep.flops)
+    lrms = [sg.schedule_at(shallow, step, args, state) for step in range(shallow.steps)]
+    state.flops_before, state.steps_before = shallow.flops, shallow.steps
+    lrms += [sg.schedule_at(deep, step, args, state) for step in range(deep.steps + 1)]
     lr = [x[0] for x in lrms]
     assert lr[0] == 1.0 and lr[-1] == pytest.approx(0.1)  # the final fraction at the end of the run
     assert all(b <= a for a, b in zip(lr, lr[1:]))
@@ -927,7 +933,7 @@ def test_global_schedule_is_continuous_across_growth():
     assert lr[29] == 1.0 and lr[30] == 1.0  # warmdown 0.5 of the FLOPs starts inside the deep phase
     momentum = [x[1] for x in lrms]
     assert momentum[31] == sg.muon_momentum(31)  # Muon's warmup does not restart either
-    phases = sg.schedule_at(deep, 0, sg.resolve_args(["--depth", "2", "--stack-to", "4", "--device", "cpu"]), ctx)
+    phases = sg.schedule_at(deep, 0, sg.resolve_args(["--depth", "2", "--stack-to", "4", "--device", "cpu"]), state)
     assert phases[0] == 1.0 and phases[1] == pytest.approx(0.85)  # the default restarts both
 
 
@@ -946,21 +952,21 @@ def writeup_metrics():
 
 def test_acceleration_report_reproduces_the_writeup():
     baseline, stacked = writeup_metrics()
-    row = sg.acceleration(baseline, stacked, "d6s12")
+    row = reports.acceleration(baseline, stacked, "d6s12")
     assert row["loss_fraction"] == pytest.approx(0.946, abs=5e-4)
     assert row["loss_saving"] == pytest.approx(0.054, abs=5e-4)
     assert row["loss_speedup"] == pytest.approx(1 / 0.946 - 1, abs=1e-3)
     assert row["bpb_fraction"] == pytest.approx(9.27e17 / 9.27e17) and row["val_bpb_at_budget"] == 0.9086
-    table = sg.format_report([row])
+    table = reports.format_report([row])
     assert "| d6s12 | 0.9086 | 9.270e+17 | 0.9086 | 94.6% | 5.4% | 5.7% |" in table
 
 
 def test_acceleration_report_when_the_baseline_is_never_reached(tmp_path, capsys):
     baseline, stacked = writeup_metrics()
     worse = [{**r, "loss": r["loss"] + 1} if r["kind"] == "train" else {**r, "val_bpb": r["val_bpb"] + 1} for r in stacked]
-    row = sg.acceleration(baseline, worse, "worse")
+    row = reports.acceleration(baseline, worse, "worse")
     assert row["loss_fraction"] is None and row["bpb_saving"] is None
-    assert "| not reached | not reached | not reached |" in sg.format_report([row])
+    assert "| not reached | not reached | not reached |" in reports.format_report([row])
     for name, records in (("base", baseline), ("worse", worse)):
         os.makedirs(tmp_path / name)
         with open(tmp_path / name / "metrics.jsonl", "w") as f:
@@ -1022,12 +1028,12 @@ def test_two_phase_run_end_to_end(tiny_run):
 
 
 def test_checkpoints_reload_and_stacking_keeps_the_loss(tiny_run):
-    shallow_ckpt = sg.load_checkpoint(os.path.join(tiny_run, "shallow.pt"))
-    final_ckpt = sg.load_checkpoint(os.path.join(tiny_run, "final.pt"))
+    shallow_ckpt = machinery.load_checkpoint(os.path.join(tiny_run, "shallow.pt"))
+    final_ckpt = machinery.load_checkpoint(os.path.join(tiny_run, "final.pt"))
     assert (shallow_ckpt["phase"], final_ckpt["phase"]) == ("shallow", "deep")
-    assert (shallow_ckpt["model_config"].n_layer, final_ckpt["model_config"].n_layer) == (1, 2)
+    assert (shallow_ckpt["model_config"]["n_layer"], final_ckpt["model_config"]["n_layer"]) == (1, 2)
     for ckpt in (shallow_ckpt, final_ckpt):
-        model = sg.GPT(ckpt["model_config"])
+        model = sg.GPT(sg.GPTConfig.from_checkpoint(ckpt))
         model.load_state_dict(ckpt["model"])  # strict: every tensor present, none extra
         assert ckpt["args"]["stack_to"] == 2 and ckpt["loader"]["cursor"] > 0
     records = read_metrics(tiny_run)
@@ -1096,7 +1102,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_data, tmp_pa
         sg.main(TINY + ["--data", tiny_data, "--out-dir", out])
     assert e.value.code == 1
     assert "deep phase: loss is nan at step 5" in capsys.readouterr().err
-    assert sg.load_checkpoint(os.path.join(out, "shallow.pt"))["phase"] == "shallow"
+    assert machinery.load_checkpoint(os.path.join(out, "shallow.pt"))["phase"] == "shallow"
     assert not os.path.exists(os.path.join(out, "final.pt"))
 
 
@@ -1176,7 +1182,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_data, long_run, tmp_path, ph
     out = str(tmp_path / "killed")
     run_and_kill_at(LONG + ["--data", tiny_data, "--out-dir", out], phase, 24)
     assert not os.path.exists(os.path.join(out, "final.pt"))
-    _, saved = sg.resume_point(sg.resolve_args(["--resume", "--out-dir", out, "--compile"]))
+    _, saved = machinery.resume_point(sg.resolve_args(["--resume", "--out-dir", out, "--compile"]), sg.get_parser())
     assert saved.compile and saved.shallow_steps == 40  # the machine's settings from this command, the rest from the run
     sg.main(["--resume", "--out-dir", out])  # the flags come from the checkpoint
     assert comparable(read_metrics(out)) == comparable(read_metrics(long_run))
@@ -1201,7 +1207,7 @@ def test_resume_of_a_checkpoint_older_than_a_flag_takes_its_default(tiny_run, tm
     for newer in ("lr_scale", "grow_at", "dtype"):
         del ckpt["args"][newer]
     torch.save(ckpt, tmp_path / "shallow.pt")
-    _, saved = sg.resume_point(sg.resolve_args(["--resume", "--out-dir", str(tmp_path), "--device", "cpu"]))
+    _, saved = machinery.resume_point(sg.resolve_args(["--resume", "--out-dir", str(tmp_path), "--device", "cpu"]), sg.get_parser())
     assert (saved.lr_scale, saved.grow_at, saved.dtype, saved.depth) == (1.0, None, "fp32", 1)
 
 
@@ -1216,7 +1222,7 @@ def test_bad_checkpoints_are_refused(capsys, tiny_run, tiny_data, tmp_path):
              "bare-pickle.pt": __import__("pickle").dumps(_Evil())}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-    torch.save({"format": sg.CHECKPOINT_FORMAT, "payload": _Evil()}, tmp_path / "code.pt")
+    torch.save({"format": machinery.CHECKPOINT_FORMAT, "payload": _Evil()}, tmp_path / "code.pt")
     expected = {"truncated.pt": "is truncated or damaged", "random.pt": "is not a torch checkpoint",
                 "bare-pickle.pt": "holds code", "code.pt": "holds code"}
     for name, message in expected.items():
@@ -1233,29 +1239,30 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     optimizer = sg.build_optimizer(model, optimizer_args(), 2**19, 0.1)
     phase = sg.Phase("shallow", model.config, 10, 4096, 1000, 0.1, 0.0)
     loader = types.SimpleNamespace(state_dict=lambda: {"epoch": 0, "cursor": 3})
-    ctx = dict(rank=0, world=1, flops_before=0, steps_before=0, smooth_loss=torch.tensor(1.5), val_bpb={}, log=types.SimpleNamespace(lines=4), loader=loader)
+    state = types.SimpleNamespace(rank=0, world=1, flops_before=0, steps_before=0, smooth_loss=torch.tensor(1.5), val_bpb={},
+                                  log=types.SimpleNamespace(lines=4), loader=loader)
     args = types.SimpleNamespace(device="cpu", x=1)
     path = str(tmp_path / "checkpoint.pt")
-    sg.save_checkpoint(path, model, optimizer, args, phase, 1, ctx)
+    machinery.save_checkpoint(path, model, optimizer, args, phase, 1, 1000, state)
 
     def interrupted(*a):
         raise KeyboardInterrupt  # Ctrl-C (or a crash) after the temp file is written, before the rename
-    monkeypatch.setattr(sg.os, "replace", interrupted)
+    monkeypatch.setattr(prepare_data.os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        sg.save_checkpoint(path, model, optimizer, args, phase, 2, ctx)
+        machinery.save_checkpoint(path, model, optimizer, args, phase, 2, 2000, state)
     monkeypatch.undo()
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(sg.torch, "save", disk_full)
+    monkeypatch.setattr(machinery.torch, "save", disk_full)
     with pytest.raises(sg.UsageError, match="free some disk space"):
-        sg.save_checkpoint(path, model, optimizer, args, phase, 3, ctx)
+        machinery.save_checkpoint(path, model, optimizer, args, phase, 3, 3000, state)
     monkeypatch.undo()
-    assert sg.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["checkpoint.pt"]
+    assert machinery.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
 def test_a_metrics_file_that_cannot_be_appended_is_a_usage_error(tmp_path, capsys):
-    log = sg.RunLog(str(tmp_path / "gone"), enabled=True)  # the run folder vanished mid-run
+    log = machinery.RunLog(str(tmp_path / "gone"), enabled=True)  # the run folder vanished mid-run
     with pytest.raises(sg.UsageError, match="cannot append to .*metrics.jsonl .*check that .*gone exists and is writable"):
         log("step 10", step=10)
     log.path = "/dev/full"  # Linux's always-full device: every write fails with ENOSPC
@@ -1271,7 +1278,7 @@ def test_nan_between_log_lines_never_becomes_a_checkpoint(tiny_data, tmp_path, m
     with pytest.raises(SystemExit) as e:
         sg.main(TINY + ["--data", tiny_data, "--out-dir", out, "--log-every", "10", "--save-every", "4"])
     assert e.value.code == 1 and "by step 4" in capsys.readouterr().err
-    ckpt = sg.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    ckpt = machinery.load_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert (ckpt["phase"], ckpt["step"]) == ("shallow", 4) and math.isfinite(ckpt["smooth_loss"])
 
 
@@ -1437,7 +1444,7 @@ def test_bf16_on_the_cpu_trains_like_fp32(bf16_run, tiny_data, tmp_path):
     assert set(polar_dtypes) == {torch.bfloat16}
     assert bf16 != fp32  # autocast really changed the arithmetic ...
     assert bf16 == pytest.approx(fp32, rel=0.02) and final_bpb(out) == pytest.approx(final_bpb(fp32_run), rel=0.02)  # ... by rounding only
-    ckpt = sg.load_checkpoint(os.path.join(out, "final.pt"))
+    ckpt = machinery.load_checkpoint(os.path.join(out, "final.pt"))
     assert ckpt["model"]["wte.weight"].dtype == torch.bfloat16 and ckpt["model"]["lm_head.weight"].dtype == torch.float32
     assert ckpt["args"]["dtype"] == "bf16"
 
@@ -1460,9 +1467,9 @@ def test_cuda_bf16_compiled_training_step_and_mfu(tiny_data, tmp_path, capsys):
     records = read_metrics(out)
     train = [r for r in records if r["kind"] == "train"]
     assert all(math.isfinite(r["raw_loss"]) for r in train)
-    if sg.peak_flops("cuda"):
+    if reports.peak_flops("cuda"):
         assert all(r["mfu"] is not None and r["mfu"] > 0 for r in train)
-    ckpt = sg.load_checkpoint(os.path.join(out, "final.pt"))
+    ckpt = machinery.load_checkpoint(os.path.join(out, "final.pt"))
     assert ckpt["model"]["wte.weight"].dtype == torch.bfloat16
 
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import stack_gpt as sg  # noqa: E402  (the report reuses its acceleration arithmetic)
+import reports  # noqa: E402  (the acceleration arithmetic of stack_gpt.py's --compare)
 
 RUNS = "experiments/runs"
 DATA = "data/pylibs-2048"
@@ -200,7 +200,7 @@ def run(names, seeds):
 # Report
 
 def records(sweep, name):
-    return sg.read_metrics(f"{RUNS}/{sweep}/{name}")
+    return reports.read_metrics(f"{RUNS}/{sweep}/{name}")
 
 
 def mean_std(values):
@@ -245,7 +245,7 @@ def seed_table(sweep, arms, baseline_of):
         rows = []
         for s in SEEDS:
             if finished(sweep, f"{arm}-s{s}") and baseline_of(s):
-                rows.append(sg.acceleration(baseline_of(s), records(sweep, f"{arm}-s{s}"), arm))
+                rows.append(reports.acceleration(baseline_of(s), records(sweep, f"{arm}-s{s}"), arm))
         if not rows:
             continue
         bpb = [r["val_bpb"] for r in rows]
@@ -327,12 +327,12 @@ def report():
     warmdown = [(name, records("warmdown", name)) for name, _ in sweeps()["warmdown"] if finished("warmdown", name)]
     if warmdown and baseline_records(0):
         out += ["## Deep-phase warmdown sweep (one shallow model at ratio 3.25, seed 0, against baseline-s0)", "",
-                sg.format_report([sg.acceleration(baseline_records(0), run, name) for name, run in warmdown]), ""]
+                reports.format_report([reports.acceleration(baseline_records(0), run, name) for name, run in warmdown]), ""]
     pairs = [(f"d{d}", base, f"d{d // 2}s{d}") for d, base in ((2, ("miniseries", "d2")), (4, ("fixed-flops", "baseline-s0")))]
     pairs = [(depth, base, stacked) for depth, base, stacked in pairs if finished(*base) and finished("miniseries", stacked)]
     for depth, base, stacked in pairs:
         out += [f"## Miniseries at target depth {depth[1:]} (both phases at ratio 10.5, seed 0)", "",
-                sg.format_report([sg.acceleration(records(*base), records("miniseries", stacked), stacked)]), ""]
+                reports.format_report([reports.acceleration(records(*base), records("miniseries", stacked), stacked)]), ""]
     if any(finished("tune-lr", name) for name, _ in sweeps()["tune-lr"]):
         out += ["## Part 2: the baseline's LR multiplier (d4, warmdown 0.5)", ""] + tuning_table() + [""]
     print("\n".join(out))
