@@ -64,6 +64,16 @@ def check_flags(args):
         raise UsageError("--device cuda but no CUDA GPU is visible: use --device cpu")
 
 
+def check_micro_batches(phases, args, world):
+    """Every phase's batch must be a whole number of micro-batches (device batch x context x processes)."""
+    for phase in phases:
+        micro_step_tokens = args.device_batch_size * args.seq_len * world
+        if phase.batch_size % micro_step_tokens:
+            raise UsageError(f"{phase.name} phase: total batch {phase.batch_size} tokens is not a multiple of --device-batch-size "
+                             f"{args.device_batch_size} x --seq-len {args.seq_len}" + (f" x {world} processes" if world > 1 else "") +
+                             f" = {micro_step_tokens}: change --total-batch-size or --device-batch-size")
+
+
 def on_rank0(write, rank, world):
     """
     Run `write` (which saves a file) on rank 0 only, then tell every rank how it went: a UsageError

@@ -4,15 +4,16 @@ stack_gpt.py: train a small GPT, make it deeper by stacking its layers, keep tra
 Model growth by depthwise stacking (G_stack, Du et al. 2024): train a shallow model,
 repeat its whole block of layers g times (L1..L4 -> L1..L4,L1..L4), train the deep model.
 The question is whether the shallow phase buys the deep model a head start that is worth
-more than the compute it cost. The file reads in the order the data flows:
+more than the compute it cost. This file reads in the order the data flows:
 
-    constants -> data -> model -> optimizer -> schedules -> stacking -> planning
-              -> evaluation -> the two-phase loop (train shallow, stack, train deep) -> flags
+    constants -> model -> optimizer -> schedules -> stacking -> planning -> evaluation
+              -> the two-phase loop (train shallow, stack, train deep) -> flags -> machinery
 
-and ends with a section of machinery (checkpoints, multiple processes) that a first reading can
-skip; a run's files live in run_files.py and what it prints about itself in reports.py.
 The model and optimizer follow nanochat's base model (Feb 2026): rotary, QK-norm, ReLU^2,
-value embeddings, per-layer lambdas, Muon + AdamW. Examples:
+value embeddings, per-layer lambdas, Muon + AdamW. What is not the lesson lives elsewhere:
+the token shards and their loader in prepare_data.py; checkpoints, run folders, flag checks and
+multi-process helpers in machinery.py; the printed plan and the acceleration report in reports.py.
+Examples:
 
     python stack_gpt.py --depth 6 --stack-to 12   # d6s12 -> d12 on a GPU ("d6s12" in the write-up)
     python stack_gpt.py --depth 12                # the plain d12 baseline on the same FLOPs
@@ -390,7 +391,7 @@ def build_optimizer(model, args, batch_size, weight_decay):
     ]
     for shape in sorted({p.shape for p in matrices}):  # Muon works on a stack of same-shape matrices at once
         groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=args.matrix_lr * scale,
-                           momentum=muon_momentum(0), beta2=MUON_BETA2, weight_decay=weight_decay))
+                           momentum=muon_momentum(MUON_MOMENTUM_WARMUP), beta2=MUON_BETA2, weight_decay=weight_decay))  # train_step sets each step's
     grouped = [id(p) for g in groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters()), "every parameter must be in exactly one group"
     optimizer = MuonAdamW(groups, PRECISIONS[args.dtype])
@@ -627,17 +628,12 @@ def plan_phases(args, vocab_size, shallow_flops=None, world=1):
         if steps <= 0:
             raise UsageError(f"the FLOPs budget ({budget:.3g}) is less than one step of {batch} tokens: raise --ratio or --target-flops")
     phases.append(Phase("deep" if args.stacked else "baseline", final_config, steps, batch, flops_per_token, wd, args.warmdown_ratio))
-    for phase in phases:
-        micro_step_tokens = args.device_batch_size * args.seq_len * world
-        if phase.batch_size % micro_step_tokens:
-            raise UsageError(f"{phase.name} phase: total batch {phase.batch_size} tokens is not a multiple of --device-batch-size "
-                             f"{args.device_batch_size} x --seq-len {args.seq_len}" + (f" x {world} processes" if world > 1 else "") +
-                             f" = {micro_step_tokens}: change --total-batch-size or --device-batch-size")
+    machinery.check_micro_batches(phases, args, world)  # each step must split into whole micro-batches
     return phases
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: bits per byte on fixed val tokens, and a text sample
+# Evaluation: bits per byte on fixed val tokens (the val windows come from prepare_data.val_batches)
 
 @torch.no_grad()
 def evaluate_bpb(model, val_batches, token_bytes, autocast):
@@ -658,12 +654,6 @@ def evaluate_bpb(model, val_batches, token_bytes, autocast):
         dist.all_reduce(nats)
         dist.all_reduce(nbytes)
     return float(nats) / (math.log(2) * float(nbytes))
-
-
-def sample_text(model, tokenizer, prompt_tokens, max_tokens, autocast):
-    with autocast:
-        out = model.generate(prompt_tokens, max_tokens)
-    return tokenizer.decode(prompt_tokens) + "|" + tokenizer.decode(out)
 
 
 # -----------------------------------------------------------------------------
@@ -782,11 +772,11 @@ def train(phases, model, optimizer, first, start_step, args, state, evaluate, sa
     """
     for phase in phases[first:]:
         if model.config.n_layer != phase.config.n_layer:
-            # The shallow phase is over: grow. Expect the deep model's first val bpb to be worse than the
-            # shallow model's last one, often worse than an untrained model's: the second pass of copies
-            # reads a residual stream that the first pass has already written to, which these layers never
-            # saw in training. Within about a hundred steps it is below where the shallow model stopped.
-            # (--grow identity starts the copies as pass-throughs: no jump, and no head start from them.)
+            # The shallow phase is over: grow. The deep model's first val bpb can jump (in the README's quick
+            # start, above an untrained model's): the second pass of copies reads a residual stream that the
+            # first pass has already written to, which these layers never saw in training. Within about a
+            # hundred steps it is below where the shallow model stopped. (--grow identity starts the copies
+            # as pass-throughs: no jump, but also no head start from them.)
             model, optimizer = grow_deep_model(model, optimizer, phase, args, state)
         if start_step < phase.steps:
             train_phase(phase, model, optimizer, args, state, evaluate, start_step)
@@ -839,7 +829,8 @@ def run(args):
 
     def sample(model, phase):
         if args.sample_tokens and rank == 0:
-            text = sample_text(model, tokenizer, prompt, args.sample_tokens, autocast)
+            with autocast:
+                text = tokenizer.decode(prompt) + "|" + tokenizer.decode(model.generate(prompt, args.sample_tokens))
             state.log(f"{phase.name} sample: {text!r}", kind="sample", phase=phase.name, text=text)
 
     train(phases, model, optimizer, first, start_step, args, state, lambda m: evaluate_bpb(m, val[rank::world], token_bytes, autocast), sample)
@@ -933,8 +924,7 @@ def resolve_args(argv=None):
     if args.dtype is None:  # GPUs are fast in bf16; many CPUs have no native bf16 and emulate it, tens of times slower than fp32
         args.dtype = "bf16" if args.device == "cuda" else "fp32"
     if args.out_dir is None:
-        name = f"d{args.depth}s{args.stack_to}" if args.stacked else f"d{args.depth}"
-        args.out_dir = os.path.join("runs", name)
+        args.out_dir = os.path.join("runs", f"d{args.depth}s{args.stack_to}" if args.stacked else f"d{args.depth}")
     return args
 
 
@@ -947,12 +937,9 @@ def main(argv=None):
             print(reports.compare_runs(args.compare))
         else:
             run(args)
-    except (UsageError, DataError) as e:
+    except (UsageError, DataError, TrainingDiverged) as e:  # one line, no traceback: exit 2 for bad input, 1 for a diverged run
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(1 if isinstance(e, TrainingDiverged) else 2)
 
 
 # -----------------------------------------------------------------------------
@@ -974,9 +961,8 @@ def restore(ckpt, args, state, same_data=True):
 
 def starting_point(phases, resume, init, args, state):
     """
-    The model and optimizer to train, the index of the phase to start in and the step within it:
-    an interrupted run (--resume, which also puts back the state's FLOPs and steps so far, val bpb and
-    loss EMA), a trained shallow model (--init-from), or a new model.
+    The model and optimizer to train, and the phase and step to start at: an interrupted run (--resume, which also
+    puts back the loop's state), a trained shallow model (--init-from), or a new model.
     """
     if resume:
         model, optimizer = restore(resume, args, state)
@@ -1008,6 +994,7 @@ def log_plan(phases, args, meta, val_tokens, state):
 
 def autocast_for(device, dtype):
     return torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
 
 if __name__ == "__main__":
     main()
