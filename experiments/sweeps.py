@@ -77,15 +77,15 @@ def sweeps():
     tuned = tuned_settings()
     grow_at, confirm = [], []
     if tuned:
-        lr, warmdown = tuned
-        baseline = ["--depth", "4", "--lr-scale", lr, "--warmdown-ratio", warmdown]
+        lr, tuned_warmdown = tuned  # (not `warmdown`: that is Part 1's sweep above)
+        baseline = ["--depth", "4", "--lr-scale", lr, "--warmdown-ratio", tuned_warmdown]
         for s in GROWTH_SEEDS:
             grow_at += [(f"baseline-s{s}", baseline + ["--seed", str(s)])] if s not in TUNING_SEEDS else []
-            grow_at += [(name, flags + ["--seed", str(s)]) for name, flags in growth_arms(lr, warmdown).items()]
-        best = best_growth_arm(lr, warmdown)
+            grow_at += [(f"{name}-s{s}", flags + ["--seed", str(s)]) for name, flags in growth_arms(lr, tuned_warmdown).items()]
+        best = best_growth_arm(lr, tuned_warmdown)
         if best:
             confirm = [(f"baseline-s{s}", baseline + ["--seed", str(s)]) for s in CONFIRM_SEEDS if s not in GROWTH_SEEDS]
-            confirm += [(f"{best}-s{s}", growth_arms(lr, warmdown)[best] + ["--seed", str(s)]) for s in CONFIRM_SEEDS if s not in GROWTH_SEEDS]
+            confirm += [(f"{best}-s{s}", growth_arms(lr, tuned_warmdown)[best] + ["--seed", str(s)]) for s in CONFIRM_SEEDS if s not in GROWTH_SEEDS]
     return {"fixed-flops": fixed, "recipes": recipes, "warmdown": warmdown, "miniseries": mini, "tune-lr": tune_lr,
             "tune-warmdown": tune_warmdown, "grow-at": grow_at, "confirm": confirm}
 
