@@ -141,9 +141,19 @@ def read_metrics(path):
     return records
 
 
-def first_reaching(records, key, target):
-    """Cumulative FLOPs at the first record whose `key` is at or below target, or None."""
-    return next((r["flops"] for r in records if r[key] <= target), None)
+def flops_reaching(records, key, target):
+    """
+    Cumulative FLOPs at which `key` first reaches target (at or below it), or None if it never does.
+    Evaluations are far apart, so the crossing is read off the straight line between the last record
+    above target and the first at or below it (the first record's own FLOPs if it is already there).
+    """
+    if records[0][key] <= target:
+        return records[0]["flops"]
+    for above, below in zip(records, records[1:]):
+        if below[key] <= target:  # the first record at or below target: every one before it is above
+            share = (above[key] - target) / (above[key] - below[key])  # how far from `above` to `below` the line meets target
+            return above["flops"] + share * (below["flops"] - above["flops"])
+    return None
 
 
 def acceleration(baseline, run, name):
@@ -152,6 +162,7 @@ def acceleration(baseline, run, name):
     baseline's total FLOPs at which the run (shallow phase included) first reaches the
     baseline's final smoothed train loss, and its final val bpb. saving = 1 - fraction,
     and the paper's speedup = 1/fraction - 1 (compute the baseline needed over what we needed).
+    The crossing is interpolated linearly between the two records around it (flops_reaching).
     """
     base_train = [r for r in baseline if r["kind"] == "train"]
     base_evals = [r for r in baseline if r["kind"] == "eval"]
@@ -162,7 +173,7 @@ def acceleration(baseline, run, name):
     row = dict(name=name, val_bpb=evals[-1]["val_bpb"], flops=evals[-1]["flops"], baseline_val_bpb=base_evals[-1]["val_bpb"],
                baseline_flops=budget, val_bpb_at_budget=at_budget[-1]["val_bpb"] if at_budget else None)
     for metric, records, key, target in [("loss", train, "loss", base_train[-1]["loss"]), ("bpb", evals, "val_bpb", base_evals[-1]["val_bpb"])]:
-        reached = first_reaching(records, key, target)
+        reached = flops_reaching(records, key, target)
         fraction = reached / budget if reached is not None else None
         row[f"{metric}_fraction"] = fraction
         row[f"{metric}_saving"] = 1 - fraction if fraction else None

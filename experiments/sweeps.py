@@ -77,15 +77,15 @@ def sweeps():
     tuned = tuned_settings()
     grow_at, confirm = [], []
     if tuned:
-        lr, warmdown = tuned
-        baseline = ["--depth", "4", "--lr-scale", lr, "--warmdown-ratio", warmdown]
+        lr, tuned_warmdown = tuned  # (not `warmdown`: that is Part 1's sweep above)
+        baseline = ["--depth", "4", "--lr-scale", lr, "--warmdown-ratio", tuned_warmdown]
         for s in GROWTH_SEEDS:
             grow_at += [(f"baseline-s{s}", baseline + ["--seed", str(s)])] if s not in TUNING_SEEDS else []
-            grow_at += [(name, flags + ["--seed", str(s)]) for name, flags in growth_arms(lr, warmdown).items()]
-        best = best_growth_arm(lr, warmdown)
+            grow_at += [(f"{name}-s{s}", flags + ["--seed", str(s)]) for name, flags in growth_arms(lr, tuned_warmdown).items()]
+        best = best_growth_arm(lr, tuned_warmdown)
         if best:
             confirm = [(f"baseline-s{s}", baseline + ["--seed", str(s)]) for s in CONFIRM_SEEDS if s not in GROWTH_SEEDS]
-            confirm += [(f"{best}-s{s}", growth_arms(lr, warmdown)[best] + ["--seed", str(s)]) for s in CONFIRM_SEEDS if s not in GROWTH_SEEDS]
+            confirm += [(f"{best}-s{s}", growth_arms(lr, tuned_warmdown)[best] + ["--seed", str(s)]) for s in CONFIRM_SEEDS if s not in GROWTH_SEEDS]
     return {"fixed-flops": fixed, "recipes": recipes, "warmdown": warmdown, "miniseries": mini, "tune-lr": tune_lr,
             "tune-warmdown": tune_warmdown, "grow-at": grow_at, "confirm": confirm}
 
@@ -150,15 +150,24 @@ def tuned_settings():
     lr = tuned_lr_scale()
     if lr is None:
         return None
-    means = {w: mean_over_seeds("tune-warmdown", f"lr{lr}-wd{w}", TUNING_SEEDS) for w in WARMDOWNS if w != "0.5"}
-    means["0.5"] = mean_over_seeds("tune-lr", f"lr{lr}", TUNING_SEEDS)
+    means = {w: mean_over_seeds(*tuning_run(lr, w), TUNING_SEEDS) for w in WARMDOWNS}
     return None if None in means.values() else (lr, pick(means, "0.5"))
+
+
+def tuning_run(lr, warmdown):
+    """(sweep, run name less its seed) of the d4 baseline at this multiplier and warmdown: warmdown 0.5 is tune-lr's."""
+    return ("tune-lr", f"lr{lr}") if warmdown == "0.5" else ("tune-warmdown", f"lr{lr}-wd{warmdown}")
 
 
 def best_growth_arm(lr, warmdown):
     """The growth arm with the lowest mean final val bpb over GROWTH_SEEDS, or None while any is unfinished."""
     means = {arm: mean_over_seeds("grow-at", arm, GROWTH_SEEDS) for arm in growth_arms(lr, warmdown)}
     return None if None in means.values() else min(means, key=means.get)
+
+
+def flag_value(flags, flag):
+    """The value given to `flag` in a run's flags."""
+    return flags[flags.index(flag) + 1]
 
 
 def command(sweep, name, flags):
@@ -188,7 +197,7 @@ def run(names, seeds):
         # the list is made anew after every run: a finished step of Part 2 can add runs (its rules decide which)
         while todo := [(name, flags) for name, flags in selected(sweep, seeds) if not finished(sweep, name)]:
             name, flags = todo[0]
-            shallow = flags[flags.index("--init-from") + 1] if "--init-from" in flags else None
+            shallow = flag_value(flags, "--init-from") if "--init-from" in flags else None
             if shallow and not os.path.exists(shallow):  # checkpoints stay out of git: a fresh clone lacks them
                 fail(f"{name} starts from {shallow}, which is missing: rerun its run first "
                      f"(rm -r {os.path.dirname(shallow)}; python experiments/sweeps.py run {sweep})")
@@ -203,6 +212,11 @@ def records(sweep, name):
     return reports.read_metrics(f"{RUNS}/{sweep}/{name}")
 
 
+def finished_records(sweep, name):
+    """A run's records once it has finished, else None."""
+    return records(sweep, name) if finished(sweep, name) else None
+
+
 def mean_std(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -212,14 +226,85 @@ def mean_std(values):
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def pct(share):
+    """A saving or speedup as a signed percentage; None is a baseline value never reached."""
+    return "not reached" if share is None else f"{100 * share:+.1f}%"
+
+
 def pct_mean_std(values):
     if any(v is None for v in values):
         return f"not reached in {sum(v is None for v in values)}/{len(values)}"
-    return f"{100 * statistics.mean(values):+.1f}%" + (f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else "")
+    return pct(statistics.mean(values)) + (f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else "")
 
 
-# Student's t for a two-sided 95% interval, by degrees of freedom (past 10, the value at 10 is a safe bound)
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+def saving_with_speedup(savings):
+    """Savings as mean ± std, with the speedup 1 / (1 - saving) - 1 of their mean (the unit of the paper's 54.5%)."""
+    if None in savings:
+        return pct_mean_std(savings)
+    return f"{pct_mean_std(savings)} (speedup {100 * (1 / (1 - statistics.mean(savings)) - 1):+.1f}%)"
+
+
+# --- Student's t, without scipy ---
+
+def incomplete_beta(x, a, b):
+    """
+    The regularized incomplete beta function I_x(a, b), from its continued fraction
+    I_x(a, b) = x^a (1-x)^b / (a B(a, b)) / (1 + d1 / (1 + d2 / (1 + ...))), evaluated front to back by
+    Lentz's method: each step multiplies the value so far by the ratio of two successive convergents.
+    """
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below this point: use I_x(a, b) = 1 - I_(1-x)(b, a)
+        return 1 - incomplete_beta(1 - x, b, a)
+    if x == 0:
+        return 0.0
+    # x^a (1-x)^b / (a B(a, b)) in logs, with B(a, b) = Γ(a) Γ(b) / Γ(a + b)
+    front = math.exp(a * math.log(x) + b * math.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)) / a
+    tiny = 1e-300  # stands in for a denominator of zero
+    value, c, d = 1.0, 1.0, 0.0
+    for j in range(1, 200):
+        m = j // 2
+        if j % 2:  # d_(2m+1)
+            term = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        else:  # d_(2m)
+            term = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1 / ((1 + term * d) or tiny)
+        c = (1 + term / c) or tiny
+        value *= c * d
+        if abs(c * d - 1) < 1e-15:
+            break
+    return front / value
+
+
+def t_two_sided_p(t, df):
+    """P(|T| >= |t|) for Student's t with df degrees of freedom (df need not be whole: Welch's is not)."""
+    return incomplete_beta(df / (df + t * t), df / 2, 0.5)  # the t distribution's tails, as a beta integral
+
+
+def t_critical(p, df):
+    """The t whose two-sided p-value is p (p = 0.05: the half-width of a 95% interval in standard errors), by bisection."""
+    low, high = 0.0, 1.0
+    while t_two_sided_p(high, df) > p:  # p falls as t grows: double until the bracket holds the answer
+        high *= 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if t_two_sided_p(mid, df) > p else (low, mid)
+    return (low + high) / 2
+
+
+def paired_test(differences):
+    """The paired t-test on per-seed differences: (mean, half-width of its 95% interval, t, two-sided p), df = n - 1."""
+    n = len(differences)
+    mean, standard_error = statistics.mean(differences), statistics.stdev(differences) / math.sqrt(n)
+    t = mean / standard_error
+    return mean, t_critical(0.05, n - 1) * standard_error, t, t_two_sided_p(t, n - 1)
+
+
+def welch_test(a, b):
+    """Welch's unpaired t-test of mean(a) - mean(b): (difference, half-width of its 95% interval, t, df, two-sided p)."""
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)  # each mean's squared standard error
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))  # Welch-Satterthwaite
+    difference, standard_error = statistics.mean(a) - statistics.mean(b), math.sqrt(va + vb)
+    t = difference / standard_error
+    return difference, t_critical(0.05, df) * standard_error, t, df, t_two_sided_p(t, df)
 
 
 def paired_difference(differences):
@@ -229,11 +314,21 @@ def paired_difference(differences):
     """
     if len(differences) < 2:
         return f"{differences[0]:+.4f} (1 seed: no interval)"
-    mean = statistics.mean(differences)
-    half = T_975[min(len(differences) - 1, 10)] * statistics.stdev(differences) / math.sqrt(len(differences))
+    mean, half, _, _ = paired_test(differences)
     verdict = "worse" if mean - half > 0 else "better" if mean + half < 0 else "no significant difference"
     worse = sum(d > 0 for d in differences)
     return f"{mean:+.4f} ± {half:.4f}, worse in {worse}/{len(differences)} seeds: {verdict}"
+
+
+def paired_runs(run_of, baseline_of, seeds):
+    """{seed: (baseline's records, run's records)} for each seed where both runs have finished."""
+    pairs = {s: (baseline_of(s), run_of(s)) for s in seeds}
+    return {s: (base, run) for s, (base, run) in pairs.items() if base and run}
+
+
+def seed_rows(run_of, baseline_of, seeds):
+    """{seed: reports.acceleration row} of each run against the baseline of its own seed."""
+    return {s: reports.acceleration(base, run, f"seed {s}") for s, (base, run) in paired_runs(run_of, baseline_of, seeds).items()}
 
 
 def seed_table(sweep, arms, baseline_of):
@@ -242,10 +337,7 @@ def seed_table(sweep, arms, baseline_of):
              "|---|---|---|---|---|---|---|"]
     base_bpb = [r[-1]["val_bpb"]["baseline"] for r in (baseline_of(s) for s in SEEDS) if r]
     for arm in arms:
-        rows = []
-        for s in SEEDS:
-            if finished(sweep, f"{arm}-s{s}") and baseline_of(s):
-                rows.append(reports.acceleration(baseline_of(s), records(sweep, f"{arm}-s{s}"), arm))
+        rows = list(seed_rows(lambda s: finished_records(sweep, f"{arm}-s{s}"), baseline_of, SEEDS).values())
         if not rows:
             continue
         bpb = [r["val_bpb"] for r in rows]
@@ -296,20 +388,122 @@ def versus_plain_stack(recipes):
     return lines
 
 
-def tuning_table():
-    """Part 2, step 1: the baseline's final val bpb at each LR multiplier, by seed and on average (the decision rule's input)."""
-    lines = ["| --lr-scale | " + " | ".join(f"seed {s}" for s in TUNING_SEEDS) + " | mean |", "|---|" + "---|" * (len(TUNING_SEEDS) + 1)]
-    for m in sorted(LR_SCALES, key=float):
-        bpb = [records("tune-lr", f"lr{m}-s{s}")[-1]["val_bpb"]["baseline"] if finished("tune-lr", f"lr{m}-s{s}") else None for s in TUNING_SEEDS]
-        done = [b for b in bpb if b is not None]
+def baseline_records(seed):
+    return finished_records("fixed-flops", f"baseline-s{seed}")
+
+
+# --- Part 2 ---
+
+def tuning_table(flag, candidates):
+    """
+    Part 2, step 1: the baseline's final val bpb for each value of `flag`, by seed and on average (the
+    decision rule's input). candidates: {value: (sweep, run name less its seed)}.
+    """
+    lines = [f"| {flag} | " + " | ".join(f"seed {s}" for s in TUNING_SEEDS) + " | mean |", "|---|" + "---|" * (len(TUNING_SEEDS) + 1)]
+    for value, (sweep, name) in candidates.items():
+        bpb = [final_bpb(sweep, f"{name}-s{s}") for s in TUNING_SEEDS]
+        done = [b["baseline"] for b in bpb if b is not None]
         if done:
-            lines.append(f"| {m} | " + " | ".join("todo" if b is None else f"{b:.4f}" for b in bpb) +
+            lines.append(f"| {value} | " + " | ".join("todo" if b is None else f"{b['baseline']:.4f}" for b in bpb) +
                          f" | {statistics.mean(done):.4f}{'' if len(done) == len(bpb) else ' (partial)'} |")
     return lines
 
 
-def baseline_records(seed):
-    return records("fixed-flops", f"baseline-s{seed}") if finished("fixed-flops", f"baseline-s{seed}") else None
+def tuned_baseline(seed):
+    """The records of the tuned baseline's run of this seed, wherever Part 2 runs it, or None until it has finished."""
+    tuned = tuned_settings()
+    if tuned is None:
+        return None
+    if seed in TUNING_SEEDS:
+        sweep, name = tuning_run(*tuned)
+    else:  # step 2 runs the growth seeds past the tuning ones, step 3 the rest
+        sweep, name = ("grow-at" if seed in GROWTH_SEEDS else "confirm"), "baseline"
+    return finished_records(sweep, f"{name}-s{seed}")
+
+
+def growth_run(arm, seed):
+    """The records of a growth arm's run of this seed (step 2 runs seeds 0-2, step 3 the rest), or None until it has finished."""
+    return finished_records("grow-at" if seed in GROWTH_SEEDS else "confirm", f"{arm}-s{seed}")
+
+
+def growth_results(lr, warmdown):
+    """[(arm, growth share, warmdown, [acceleration row of each finished seed])] of step 2, for the arms with a finished seed."""
+    baselines = {s: tuned_baseline(s) for s in GROWTH_SEEDS}  # looked up once: each lookup applies the tuning rules anew
+    results = []
+    for arm, flags in growth_arms(lr, warmdown).items():
+        rows = seed_rows(lambda s: growth_run(arm, s), baselines.get, GROWTH_SEEDS)
+        if rows:
+            results.append((arm, flag_value(flags, "--grow-at"), flag_value(flags, "--warmdown-ratio"), list(rows.values())))
+    return results
+
+
+def growth_table(results):
+    """Part 2, step 2: one row per growth arm, each seed against the tuned baseline of the same seed."""
+    lines = ["| arm | grows at | warmdown | seeds | final val bpb | minus tuned baseline's, same seed (95% CI) | "
+             "saving to baseline val bpb (speedup of the mean) |", "|---|---|---|---|---|---|---|"]
+    for arm, share, warmdown, rows in results:
+        lines.append(f"| {arm} | {float(share):.0%} | {warmdown} | {len(rows)} | {mean_std([r['val_bpb'] for r in rows])} | "
+                     f"{paired_difference([r['val_bpb'] - r['baseline_val_bpb'] for r in rows])} | "
+                     f"{saving_with_speedup([r['bpb_saving'] for r in rows])} |")
+    return lines
+
+
+def confirm_tests(arm, base):
+    """Step 3's tests on the final val bpb of the arm and of the baseline, listed seed by seed."""
+    mean, half, t, p = paired_test([a - b for a, b in zip(arm, base)])
+    difference, welch_half, welch_t, df, welch_p = welch_test(arm, base)
+    return [f"- Paired t-test (arm minus the baseline of the same seed, {len(arm)} seeds): mean {mean:+.4f}, "
+            f"95% CI [{mean - half:+.4f}, {mean + half:+.4f}], t = {t:.2f}, df = {len(arm) - 1}, p = {p:.3g}",
+            f"- Welch's unpaired test: difference of means {difference:+.4f}, 95% CI [{difference - welch_half:+.4f}, "
+            f"{difference + welch_half:+.4f}], t = {welch_t:.2f}, df = {df:.1f}, p = {welch_p:.3g}",
+            f"- Correlation across seeds between the arm's and the baseline's final val bpb: r = {statistics.correlation(arm, base):+.2f} "
+            "(Welch's test assumes 0; below 0, its p-value is too small)"]
+
+
+def confirm_section(best):
+    """Part 2, step 3: the best growth arm against the tuned baseline seed by seed, the tests, and the rule's verdict."""
+    baselines = {s: tuned_baseline(s) for s in CONFIRM_SEEDS}
+    rows = seed_rows(lambda s: growth_run(best, s), baselines.get, CONFIRM_SEEDS)
+    lines = [f"| seed | tuned baseline val bpb | {best} val bpb | difference | saving to baseline val bpb | speedup |", "|---|---|---|---|---|---|"]
+    for s, r in rows.items():
+        lines.append(f"| {s} | {r['baseline_val_bpb']:.4f} | {r['val_bpb']:.4f} | {r['val_bpb'] - r['baseline_val_bpb']:+.4f} | "
+                     f"{pct(r['bpb_saving'])} | {pct(r['bpb_speedup'])} |")
+    if len(rows) < 2:
+        return lines
+    arm, base = [r["val_bpb"] for r in rows.values()], [r["baseline_val_bpb"] for r in rows.values()]
+    mean, half, _, _ = paired_test([a - b for a, b in zip(arm, base)])
+    if len(rows) < len(CONFIRM_SEEDS):
+        verdict = f"none yet ({len(rows)} of {len(CONFIRM_SEEDS)} seeds)"
+    else:
+        verdict = f"stacking ({best}) {'beats' if mean + half < 0 else 'does not beat'} the tuned baseline"
+    rule = "stacking beats the tuned baseline only if the paired 95% interval lies below zero"
+    return lines + [""] + confirm_tests(arm, base) + ["", f"Verdict ({rule}): {verdict}."]
+
+
+def part2_report():
+    """Part 2's tables, each once its step has a finished run, with the winner of each rule once it decides."""
+    out, lr, tuned = [], tuned_lr_scale(), tuned_settings()
+    if any(finished("tune-lr", name) for name, _ in sweeps()["tune-lr"]):
+        out += ["## Part 2: the baseline's LR multiplier (d4, warmdown 0.5)", ""]
+        out += tuning_table("--lr-scale", {m: ("tune-lr", f"lr{m}") for m in sorted(lr_scales(), key=float)}) + [""]
+        if lr:
+            out += [f"Winner by the rule (lowest mean, ties within {TIE} to the multiplier nearer 1): --lr-scale {lr}.", ""]
+    if lr and any(finished("tune-warmdown", name) for name, _ in sweeps()["tune-warmdown"]):
+        out += [f"## Part 2: the baseline's warmdown (d4, --lr-scale {lr})", ""]
+        out += tuning_table("--warmdown-ratio", {w: tuning_run(lr, w) for w in WARMDOWNS}) + [""]
+        if tuned:
+            out += [f"Winner by the rule (ties within {TIE} to 0.5): warmdown {tuned[1]}. "
+                    f"The tuned baseline: --lr-scale {lr} --warmdown-ratio {tuned[1]}.", ""]
+    results = growth_results(*tuned) if tuned else []
+    if results:
+        out += [f"## Part 2, step 2: when to grow (d2s4 -> d4, one LR schedule, --lr-scale {lr}; seeds "
+                f"{', '.join(map(str, GROWTH_SEEDS))} against the tuned baseline)", ""] + growth_table(results) + [""]
+    best = best_growth_arm(*tuned) if tuned else None
+    if best:
+        out += [f"Best arm by the rule (lowest mean final val bpb): {best}.", "",
+                f"## Part 2, step 3: {best} against the tuned baseline, seeds {CONFIRM_SEEDS[0]}-{CONFIRM_SEEDS[-1]}", ""]
+        out += confirm_section(best) + [""]
+    return out
 
 
 def report():
@@ -333,8 +527,7 @@ def report():
     for depth, base, stacked in pairs:
         out += [f"## Miniseries at target depth {depth[1:]} (both phases at ratio 10.5, seed 0)", "",
                 reports.format_report([reports.acceleration(records(*base), records("miniseries", stacked), stacked)]), ""]
-    if any(finished("tune-lr", name) for name, _ in sweeps()["tune-lr"]):
-        out += ["## Part 2: the baseline's LR multiplier (d4, warmdown 0.5)", ""] + tuning_table() + [""]
+    out += part2_report()
     print("\n".join(out))
     plots(base_runs)
 
@@ -372,7 +565,69 @@ def plots(base_runs):
     ax.set(xlabel="shallow-phase data:param ratio", ylabel="final val bpb", title="fixed FLOPs: final val bpb against shallow ratio")
     ax.legend()
     fig.savefig("experiments/bpb_vs_shallow_ratio.png", dpi=120, bbox_inches="tight")
-    print("plots: experiments/bpb_vs_flops.png, experiments/bpb_vs_shallow_ratio.png")
+    saved = ["experiments/bpb_vs_flops.png", "experiments/bpb_vs_shallow_ratio.png"]
+    tuned = tuned_settings()
+    if tuned:
+        saved += [path for path in (plot_differences(plt, *tuned), plot_growth_point(plt, *tuned)) if path]
+    print(f"plots: {', '.join(saved)}")
+
+
+def eval_curve(records):
+    """(cumulative FLOPs, val bpb) of a run's evaluations."""
+    evals = [r for r in records if r["kind"] == "eval"]
+    return [r["flops"] for r in evals], [r["val_bpb"] for r in evals]
+
+
+def plot_differences(plt, lr, warmdown):
+    """
+    Part 2: each stacked run's val bpb minus its own seed's tuned baseline's at the same FLOPs, a thin line
+    per seed and a thick mean: the confirmed arm once confirm has a finished run, before that every grow-at arm.
+    """
+    import numpy as np  # in requirements.txt, and matplotlib needs it anyway
+    best = best_growth_arm(lr, warmdown)
+    confirming = best and any(finished("confirm", f"{best}-s{s}") for s in CONFIRM_SEEDS)
+    arms, seeds = ([best], CONFIRM_SEEDS) if confirming else (list(growth_arms(lr, warmdown)), GROWTH_SEEDS)
+    baselines = {s: tuned_baseline(s) for s in seeds}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, color in zip(arms, plt.cm.tab10.colors):
+        differences = []
+        for base, run in paired_runs(lambda s: growth_run(arm, s), baselines.get, seeds).values():
+            flops, bpb = eval_curve(run)
+            differences.append(np.array(bpb) - np.interp(flops, *eval_curve(base)))  # the baseline's curve, linear between its evaluations
+            ax.plot(flops, differences[-1], color=color, lw=0.5, alpha=0.5)
+        if differences:  # an arm's seeds evaluate at the same FLOPs, so the mean goes point by point
+            ax.plot(flops, np.mean(differences, axis=0), color=color, lw=2.5, label=f"{arm} (mean of {len(differences)} seeds)")
+    if not ax.lines:
+        plt.close(fig)
+        return None
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set(xlabel="cumulative training FLOPs", ylabel="val bpb minus the tuned baseline's (same seed)", ylim=(-0.3, 0.3),
+           title="stacked minus tuned baseline at equal compute (below 0: stacking ahead)")
+    ax.legend()
+    fig.savefig("experiments/part2_bpb_difference.png", dpi=120, bbox_inches="tight")
+    return "experiments/part2_bpb_difference.png"
+
+
+def plot_growth_point(plt, lr, warmdown):
+    """Part 2, step 2: the val bpb saving against the growth share, a line through the means per warmdown, a point per seed."""
+    results = growth_results(lr, warmdown)
+    if not results:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for w, color in zip(sorted({w for _, _, w, _ in results}, key=float, reverse=True), plt.cm.tab10.colors):
+        points = [(float(share), [r["bpb_saving"] for r in rows]) for _, share, arm_warmdown, rows in results if arm_warmdown == w]
+        for share, savings in points:
+            reached = [100 * x for x in savings if x is not None]
+            ax.plot([share] * len(reached), reached, "o", color=color, alpha=0.4)
+        means = [(share, 100 * statistics.mean(savings)) for share, savings in points if None not in savings]  # unreached: no saving to average
+        if means:
+            ax.plot(*zip(*means), "-", color=color, lw=2, label=f"warmdown {w}{' (tuned)' * (w == warmdown)}, mean over seeds")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set(xlabel="growth share of the FLOPs budget", ylabel="saving to the tuned baseline's val bpb (%)", xlim=(0.1, 0.9),
+           title="when to grow: compute saved against the growth point")
+    ax.legend()
+    fig.savefig("experiments/part2_saving_vs_growth_share.png", dpi=120, bbox_inches="tight")
+    return "experiments/part2_saving_vs_growth_share.png"
 
 
 def main():
