@@ -32,6 +32,8 @@ import reports
 import stack_gpt as sg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "experiments"))
+import sweeps  # noqa: E402  (experiments/sweeps.py: its statistics are tested with the reports)
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -1117,7 +1119,8 @@ def test_acceleration_report_reproduces_the_writeup():
     assert row["loss_fraction"] == pytest.approx(0.946, abs=5e-4)
     assert row["loss_saving"] == pytest.approx(0.054, abs=5e-4)
     assert row["loss_speedup"] == pytest.approx(1 / 0.946 - 1, abs=1e-3)
-    assert row["bpb_fraction"] == pytest.approx(9.27e17 / 9.27e17) and row["val_bpb_at_budget"] == 0.9086
+    # 3.0 at 0 FLOPs, 0.9086 at 9.27e17: the straight line between them meets 0.9095 just before the end
+    assert row["bpb_fraction"] == pytest.approx((3.0 - 0.9095) / (3.0 - 0.9086)) and row["val_bpb_at_budget"] == 0.9086
     table = reports.format_report([row])
     assert "| d6s12 | 0.9086 | 9.270e+17 | 0.9086 | 94.6% | 5.4% | 5.7% |" in table
 
@@ -1136,6 +1139,67 @@ def test_acceleration_report_when_the_baseline_is_never_reached(tmp_path, capsys
     assert "not reached" in capsys.readouterr().out
     expect_usage_error(capsys, ["--compare", str(tmp_path / "base"), str(tmp_path / "missing")], "no metrics file")
     expect_usage_error(capsys, ["--compare", str(tmp_path / "base")], "at least one run")
+
+
+def crossing_metrics(run_bpb):
+    """A baseline ending at val bpb 1.0 (train loss 2.0) after 100 FLOPs, and a run whose evaluations are
+    run_bpb: [(flops, val bpb)], with its train loss at twice its val bpb."""
+    baseline = [{"kind": "train", "loss": 2.0, "flops": 100.0}, {"kind": "eval", "val_bpb": 1.0, "flops": 100.0}]
+    run = []
+    for flops, bpb in run_bpb:
+        run += [{"kind": "train", "loss": 2 * bpb, "flops": flops}, {"kind": "eval", "val_bpb": bpb, "flops": flops}]
+    return baseline, run
+
+
+def test_acceleration_interpolates_the_crossing_between_records():
+    # 1.5 at 40 FLOPs, 0.5 at 60: the straight line between them meets 1.0 halfway, at 50
+    row = reports.acceleration(*crossing_metrics([(0.0, 3.0), (40.0, 1.5), (60.0, 0.5), (100.0, 0.4)]), "run")
+    assert row["bpb_fraction"] == pytest.approx(0.5) and row["bpb_saving"] == pytest.approx(0.5) and row["bpb_speedup"] == pytest.approx(1.0)
+    assert row["loss_fraction"] == pytest.approx(0.5)  # the train loss crosses the same way
+    # the first record at or below the target, not the last one above it: 1.2 at 20 -> 0.9 at 30 (after 1.1 at 10)
+    row = reports.acceleration(*crossing_metrics([(0.0, 3.0), (10.0, 1.1), (20.0, 1.2), (30.0, 0.9), (100.0, 0.4)]), "run")
+    assert row["bpb_fraction"] == pytest.approx((20 + 10 * 0.2 / 0.3) / 100)
+    # a record exactly at the target is where it is reached
+    row = reports.acceleration(*crossing_metrics([(0.0, 3.0), (70.0, 1.0), (100.0, 0.4)]), "run")
+    assert row["bpb_fraction"] == pytest.approx(0.7)
+
+
+def test_acceleration_when_the_first_record_is_already_there_or_never():
+    row = reports.acceleration(*crossing_metrics([(10.0, 0.9), (100.0, 0.4)]), "run")
+    assert row["bpb_fraction"] == pytest.approx(0.1)  # its own FLOPs: there is nothing before it to interpolate from
+    row = reports.acceleration(*crossing_metrics([(0.0, 3.0), (100.0, 1.01)]), "run")
+    assert row["bpb_fraction"] is None and row["bpb_saving"] is None
+    assert "not reached" in reports.format_report([row])
+
+
+# Student's t in experiments/sweeps.py (no scipy)
+
+def test_t_p_values_match_the_tables_and_closed_forms():
+    for t, df, p in [(2.306, 8, 0.05), (4.303, 2, 0.05), (12.706, 1, 0.05), (3.355, 8, 0.01), (1.96, 1e6, 0.05)]:
+        assert sweeps.t_two_sided_p(t, df) == pytest.approx(p, abs=5e-4)
+    for t in (0.0, 0.3, 1.0, 2.5, 10.0, 300.0):
+        assert sweeps.t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), rel=1e-9, abs=1e-12)  # Cauchy
+        assert sweeps.t_two_sided_p(t, 2) == pytest.approx(1 - t / math.sqrt(t * t + 2), rel=1e-9, abs=1e-12)
+        assert sweeps.t_two_sided_p(-t, 5) == sweeps.t_two_sided_p(t, 5)
+
+
+def test_t_critical_values_match_the_table():
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 30: 2.042}
+    for df, t in table.items():
+        assert sweeps.t_critical(0.05, df) == pytest.approx(t, abs=5e-4)
+    assert sweeps.t_critical(0.01, 8) == pytest.approx(3.355, abs=5e-4)
+    assert sweeps.t_two_sided_p(sweeps.t_critical(0.05, 2.5), 2.5) == pytest.approx(0.05)  # a Welch-like df between whole ones
+
+
+def test_paired_and_welch_tests():
+    mean, half, t, p = sweeps.paired_test([1.0, 2.0, 3.0])  # mean 2, std 1, standard error 1/sqrt(3)
+    assert (mean, t) == (2.0, pytest.approx(2 * math.sqrt(3)))
+    assert half == pytest.approx(4.303 / math.sqrt(3), abs=1e-3) and p == pytest.approx(1 - t / math.sqrt(t * t + 2))
+    assert sweeps.paired_difference([0.01, 0.02, 0.03]) == "+0.0200 ± 0.0248, worse in 3/3 seeds: no significant difference"
+    difference, half, t, df, p = sweeps.welch_test([1.0, 2.0, 3.0], [2.0, 4.0, 6.0])  # variances of the means 1/3 and 4/3
+    assert difference == -2.0 and t == pytest.approx(-2 / math.sqrt(5 / 3))
+    assert df == pytest.approx((5 / 3) ** 2 / ((1 / 3) ** 2 / 2 + (4 / 3) ** 2 / 2))  # Welch-Satterthwaite: 50/17
+    assert p == pytest.approx(sweeps.t_two_sided_p(t, 50 / 17)) and half == pytest.approx(sweeps.t_critical(0.05, 50 / 17) * math.sqrt(5 / 3))
 
 
 # -----------------------------------------------------------------------------

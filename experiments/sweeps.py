@@ -112,9 +112,9 @@ def final_bpb(sweep, name):
 
 
 def mean_over_seeds(sweep, name, seeds):
-    """Mean final val bpb of run `name`-s<seed> over the seeds; None until every one has finished."""
+    """Mean final val bpb (of the last phase: a stacked run's deep model) of run `name`-s<seed>; None until every one has finished."""
     bpb = [final_bpb(sweep, f"{name}-s{s}") for s in seeds]
-    return None if None in bpb else statistics.mean(next(iter(b.values())) for b in bpb)
+    return None if None in bpb else statistics.mean(list(b.values())[-1] for b in bpb)
 
 
 def pick(means, default):
