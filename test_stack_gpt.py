@@ -1,8 +1,8 @@
 """
 Tests for stack_gpt.py (and its machinery.py and reports.py) and prepare_data.py, in the order of
 stack_gpt.py: model, optimizer, schedules, stacking, planning, whole runs (with the golden metrics),
-flags, machinery, the GPU path, reports; then prepare_data.py. CPU only, no network, about a
-minute on 2 cores:
+flags, machinery, the GPU path, reports; then prepare_data.py. CPU only, no network, under 2
+minutes on 2 cores:
     python -m pytest test_stack_gpt.py
 CUDA tests run only where a GPU is visible.
 """
