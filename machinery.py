@@ -1,8 +1,9 @@
 """
 The machinery around a run, kept out of the lesson in stack_gpt.py: checking the flags, the run's
 files (checkpoints written atomically and loaded without running code from them, the run folder and
-its metrics log, what --resume reads back), and the helpers for several processes under torchrun.
-Nothing here changes what a run computes; a first reading of stack_gpt.py can skip it.
+its metrics log, what --resume reads back), and the helpers for several processes under torchrun
+(gradients averaged over ranks, weights broadcast from rank 0). A first reading of stack_gpt.py can
+skip it: none of it is about stacking, and a single-process run does the same without it.
 """
 
 import argparse

@@ -17,7 +17,7 @@ A dataset folder holds train_000000.bin, ... and val_000000.bin, ... in the llm.
 (a header of 256 int32: magic 20240520, version 1, token count; then uint16 tokens, each
 document preceded by <|endoftext|>), tokenizer.tiktoken (the ranks, in tiktoken's own
 file format), token_bytes.npy (the UTF-8 length of each token id, for bits per byte) and
-meta.json, written last with "complete": true. The end of this file reads them back for
+meta.json, written last with "complete": true. A section near the end reads them back for
 stack_gpt.py: the train windows in a seeded order (TokenWindows) and the fixed val windows.
 """
 
@@ -41,7 +41,6 @@ from http.client import HTTPException
 import numpy as np
 import regex  # tiktoken's own dependency; unlike `re` it knows \p{L} and \p{N}
 import tiktoken
-import torch
 
 DEFAULT_DATA_DIR = "data/stdlib"
 DATASETS = ("stdlib", "pylibs", "fineweb-edu")
@@ -646,6 +645,7 @@ def load_token_bytes(data_dir):
 
 # -----------------------------------------------------------------------------
 # Training windows: fixed-length pieces of the shards, for stack_gpt.py
+# (torch is imported where it is used: building a dataset does not need it, and loading it takes seconds)
 
 class TokenWindows:
     """
@@ -668,6 +668,7 @@ class TokenWindows:
         self.order = self._order(self.epoch)
 
     def _order(self, epoch):
+        import torch
         g = torch.Generator().manual_seed(self.seed * 100003 + epoch)  # one seed per (seed, epoch) pair, for any epoch below 100003
         return torch.randperm(self.num_windows, generator=g).numpy()
 
@@ -686,6 +687,7 @@ class TokenWindows:
             ids.append(self.order[self.cursor])
             self.cursor += 1
         mine = ids[self.rank * rows:(self.rank + 1) * rows]
+        import torch
         batch = torch.from_numpy(np.stack([self.window(i) for i in mine]).astype(np.int64))
         if self.device == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
@@ -713,6 +715,7 @@ def val_batches(val_shards, eval_tokens, seq_len, batch_rows, device):
     The same eval_tokens each time, in device-sized batches: windows spread evenly over the whole
     val split, so that a small eval still samples every part of it, not only its first documents.
     """
+    import torch
     windows = TokenWindows(val_shards, seq_len, seed=0, device=device)
     n = min(eval_tokens // seq_len, windows.num_windows)
     spread = np.linspace(0, windows.num_windows - 1, n).round().astype(int)  # n distinct ids: their spacing is >= 1

@@ -1,8 +1,8 @@
 """
 What stack_gpt.py prints about a run, kept out of the lesson: the plan and its expected cost before
-training, MFU while training, and after it the acceleration report against a baseline (--baseline,
---compare). A module of its own because those flags of the training script need it; it reads only
-plain numbers and metrics files, never models.
+training (from one timed forward and backward of a scratch model), MFU while training, and after it
+the acceleration report against a baseline (--baseline, --compare). A module of its own because
+those flags of the training script need it; experiments/sweeps.py uses it too.
 """
 
 import json

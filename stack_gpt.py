@@ -257,18 +257,19 @@ class GPT(nn.Module):
 
 
 def empty_model(config, device, table_dtype=torch.float32):
-    """An uninitialized model on `device`. In bf16 runs its lookup tables are stored in bf16, as nanochat does."""
+    """
+    A model on `device` whose weights are still to be set: by init_weights, a checkpoint or stacking.
+    In bf16 runs its lookup tables are stored in bf16, as nanochat does.
+    """
     model = GPT(config).to(device)
     for table in model.embeddings():
         table.to(table_dtype)  # only looked up, never multiplied: bf16 halves their memory
     return model
 
 
-def build_model(config, device, table_dtype=torch.float32):
-    """A new model, initialized."""
-    model = empty_model(config, device, table_dtype)
-    model.init_weights()
-    return model
+def autocast_for(device, dtype):
+    """--dtype bf16: the matmuls of every forward (and so backward) run in bf16; fp32: nothing changes."""
+    return torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
 
 # -----------------------------------------------------------------------------
@@ -672,6 +673,7 @@ class RunState:
     rank: int = 0
     world: int = 1  # processes under torchrun: each takes its share of every batch
     peak_flops: float = None  # the GPU's peak, for MFU (None on CPUs and unknown GPUs)
+    autocast: object = nullcontext()  # what every forward runs under (autocast_for: bf16 or nothing)
 
 
 def train_step(step_model, model, optimizer, phase, step, args, state):
@@ -685,7 +687,7 @@ def train_step(step_model, model, optimizer, phase, step, args, state):
     loss_sum = torch.zeros((), device=args.device)
     for _ in range(accum):
         x, y = state.loader.next_batch(args.device_batch_size)
-        with autocast_for(args.device, args.dtype):
+        with state.autocast:
             loss = step_model(x, y)
         (loss / accum).backward()  # gradients add up over micro-batches: divide to get the mean
         loss_sum += loss.detach()
@@ -815,7 +817,8 @@ def run(args):
     machinery.on_rank0(lambda: machinery.prepare_run_dir(args, metrics_lines), rank, world)  # before anyone logs to it
     state = RunState(loader=loader, log=machinery.RunLog(args.out_dir, enabled=rank == 0, lines=metrics_lines or 0),
                      total_flops=flops_before + sum(p.flops for p in phases), flops_before=flops_before, steps_before=init["step"] if init else 0,
-                     smooth_loss=torch.zeros((), device=args.device), rank=rank, world=world, peak_flops=reports.peak_flops(args.device))
+                     smooth_loss=torch.zeros((), device=args.device), rank=rank, world=world, peak_flops=reports.peak_flops(args.device),
+                     autocast=autocast_for(args.device, args.dtype))
     state.log(f"config: {json.dumps(vars(args))}")
     if args.device == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls outside autocast
@@ -825,15 +828,15 @@ def run(args):
     model, optimizer, first, start_step = starting_point(phases, resume, init, args, state)
     del resume, init  # their tensors now live in the model and optimizer
     machinery.broadcast_weights(model, world)
-    autocast, prompt = autocast_for(args.device, args.dtype), [int(t) for t in val_shards[0][:8]]
+    prompt = [int(t) for t in val_shards[0][:8]]  # the sample's prompt: the first tokens of the val split
 
     def sample(model, phase):
         if args.sample_tokens and rank == 0:
-            with autocast:
+            with state.autocast:
                 text = tokenizer.decode(prompt) + "|" + tokenizer.decode(model.generate(prompt, args.sample_tokens))
             state.log(f"{phase.name} sample: {text!r}", kind="sample", phase=phase.name, text=text)
 
-    train(phases, model, optimizer, first, start_step, args, state, lambda m: evaluate_bpb(m, val[rank::world], token_bytes, autocast), sample)
+    train(phases, model, optimizer, first, start_step, args, state, lambda m: evaluate_bpb(m, val[rank::world], token_bytes, state.autocast), sample)
     wall = time.time() - start
     memory = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
     state.log(f"done: val bpb {' | '.join(f'{k} {v:.4f}' for k, v in state.val_bpb.items())} | {state.flops_before:.3e} FLOPs | {wall / 60:.1f} min"
@@ -976,7 +979,8 @@ def starting_point(phases, resume, init, args, state):
         state.log(f"shallow model from {args.init_from} ({init['flops']:.3e} FLOPs spent); the deep phase reads "
                    + ("on from where it stopped" if same_data else "its data from the start (other data or seed)"))
         return model, optimizer, 0, 0
-    model = build_model(phases[0].config, args.device, PRECISIONS[args.dtype])
+    model = empty_model(phases[0].config, args.device, PRECISIONS[args.dtype])
+    model.init_weights()
     return model, build_optimizer(model, args, phases[0].batch_size, phases[0].weight_decay), 0, 0
 
 
@@ -984,16 +988,12 @@ def log_plan(phases, args, meta, val_tokens, state):
     """Before training: the plan and its expected wall time, in words (reports.py) and as a record."""
     with torch.random.fork_rng(devices=[]):  # a scratch model: its random init leaves the run's own unchanged
         scratch = empty_model(phases[0].config, args.device, PRECISIONS[args.dtype])
-    flops_per_second = reports.measure_flops_per_second(scratch, args, autocast_for(args.device, args.dtype)) * state.world
+    flops_per_second = reports.measure_flops_per_second(scratch, args, state.autocast) * state.world
     seconds = reports.estimate_seconds(phases, args, val_tokens, flops_per_second)
     with torch.device("meta"):
         deep_params = GPT(phases[-1].config).param_counts()["total"]
     state.log(reports.describe_plan(phases, args, meta, deep_params, state.flops_before) + "\n" + reports.describe_cost(seconds, flops_per_second, args),
               kind="plan", phases=[{**asdict(p), "flops": p.flops} for p in phases], estimated_seconds=seconds)
-
-
-def autocast_for(device, dtype):
-    return torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
 
 if __name__ == "__main__":

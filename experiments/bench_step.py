@@ -39,7 +39,8 @@ if args.which == "nanochat":
     optimizer = model.setup_optimizer(unembedding_lr=0.004, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.2, scalar_lr=0.5)
 else:
     import stack_gpt as sg
-    model = sg.build_model(sg.GPTConfig(n_layer=L, n_head=H, n_embd=D, vocab_size=V, sequence_len=T, ve_layers=sg.default_ve_layers(L)), "cpu")
+    model = sg.empty_model(sg.GPTConfig(n_layer=L, n_head=H, n_embd=D, vocab_size=V, sequence_len=T, ve_layers=sg.default_ve_layers(L)), "cpu")
+    model.init_weights()
     lrs = types.SimpleNamespace(matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5, lr_scale=1.0, dtype="fp32")
     optimizer = sg.build_optimizer(model, lrs, 2**19, 0.2)
 for group in optimizer.param_groups:
