@@ -67,8 +67,8 @@ def check_flags(args):
 
 def check_micro_batches(phases, args, world):
     """Every phase's batch must be a whole number of micro-batches (device batch x context x processes)."""
+    micro_step_tokens = args.device_batch_size * args.seq_len * world
     for phase in phases:
-        micro_step_tokens = args.device_batch_size * args.seq_len * world
         if phase.batch_size % micro_step_tokens:
             raise UsageError(f"{phase.name} phase: total batch {phase.batch_size} tokens is not a multiple of --device-batch-size "
                              f"{args.device_batch_size} x --seq-len {args.seq_len}" + (f" x {world} processes" if world > 1 else "") +

@@ -108,7 +108,8 @@ def growth_arms(lr, warmdown):
 
 def final_bpb(sweep, name):
     """A finished run's final val bpb (None until it finishes)."""
-    return records(sweep, name)[-1]["val_bpb"] if finished(sweep, name) else None
+    run = finished_records(sweep, name)
+    return run[-1]["val_bpb"] if run else None
 
 
 def mean_over_seeds(sweep, name, seeds):
