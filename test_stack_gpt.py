@@ -1209,6 +1209,9 @@ def test_paired_and_welch_tests():
     assert difference == -2.0 and t == pytest.approx(-2 / math.sqrt(5 / 3))
     assert df == pytest.approx((5 / 3) ** 2 / ((1 / 3) ** 2 / 2 + (4 / 3) ** 2 / 2))  # Welch-Satterthwaite: 50/17
     assert p == pytest.approx(sweeps.t_two_sided_p(t, 50 / 17)) and half == pytest.approx(sweeps.t_critical(0.05, 50 / 17) * math.sqrt(5 / 3))
+    # no spread at all: every seed moved by the same amount (certain), or by nothing (no evidence)
+    assert sweeps.paired_test([0.01, 0.01, 0.01])[2:] == (math.inf, 0.0) and sweeps.paired_test([0.0, 0.0])[2:] == (0.0, 1.0)
+    assert sweeps.welch_test([1.0, 1.0], [2.0, 2.0])[2:] == (-math.inf, 2, 0.0)
 
 
 # -----------------------------------------------------------------------------

@@ -291,20 +291,27 @@ def t_critical(p, df):
     return (low + high) / 2
 
 
+def t_statistic(mean, standard_error):
+    """mean / standard_error; with no spread at all (every value equal) t is infinite, or 0 for a zero mean."""
+    if standard_error == 0:
+        return math.copysign(math.inf, mean) if mean else 0.0
+    return mean / standard_error
+
+
 def paired_test(differences):
     """The paired t-test on per-seed differences: (mean, half-width of its 95% interval, t, two-sided p), df = n - 1."""
     n = len(differences)
     mean, standard_error = statistics.mean(differences), statistics.stdev(differences) / math.sqrt(n)
-    t = mean / standard_error
+    t = t_statistic(mean, standard_error)
     return mean, t_critical(0.05, n - 1) * standard_error, t, t_two_sided_p(t, n - 1)
 
 
 def welch_test(a, b):
     """Welch's unpaired t-test of mean(a) - mean(b): (difference, half-width of its 95% interval, t, df, two-sided p)."""
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)  # each mean's squared standard error
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))  # Welch-Satterthwaite
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if va + vb else len(a) + len(b) - 2  # Welch-Satterthwaite (no spread: the pooled df)
     difference, standard_error = statistics.mean(a) - statistics.mean(b), math.sqrt(va + vb)
-    t = difference / standard_error
+    t = t_statistic(difference, standard_error)
     return difference, t_critical(0.05, df) * standard_error, t, df, t_two_sided_p(t, df)
 
 
