@@ -1214,6 +1214,54 @@ def test_paired_and_welch_tests():
     assert sweeps.welch_test([1.0, 1.0], [2.0, 2.0])[2:] == (-math.inf, 2, 0.0)
 
 
+
+def fake_sweep_run(sweep, name, final_bpb, stacked=False):
+    """A finished run's metrics as sweeps.py reads them: val bpb falling in a straight line from 3.0 to final_bpb."""
+    budget, phase = 8.66e13, ("deep" if stacked else "baseline")
+    evals = [{"kind": "eval", "phase": phase, "step": i, "flops": budget * i / 10, "val_bpb": 3.0 + (final_bpb - 3.0) * i / 10}
+             for i in range(11)]
+    trains = [{"kind": "train", "phase": phase, "step": i, "flops": r["flops"], "loss": r["val_bpb"] * 2} for i, r in enumerate(evals)]
+    summary = {"kind": "summary", "val_bpb": {**({"shallow": 1.7} if stacked else {}), phase: final_bpb}, "flops": budget}
+    os.makedirs(f"{sweeps.RUNS}/{sweep}/{name}")
+    with open(f"{sweeps.RUNS}/{sweep}/{name}/metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in trains + evals + [summary])
+
+
+def test_part2_rules_pick_each_step_and_list_the_next(tmp_path, monkeypatch):
+    """Part 2's decision rules (experiments.md) on made-up results: each step's winner, and the runs it adds."""
+    monkeypatch.chdir(tmp_path)
+    names = lambda sweep: [name for name, _ in sweeps.sweeps()[sweep]]
+    for scale, bpb in {"1": 1.12, "2": 1.02, "4": 0.99, "0.5": 1.38}.items():
+        for seed in (0, 1):
+            fake_sweep_run("tune-lr", f"lr{scale}-s{seed}", bpb + 0.001 * seed)
+    assert sweeps.tuned_lr_scale() is None and "lr8-s1" in names("tune-lr")  # x4 won at the edge: the range grows
+    for scale, bpb in {"8": 0.987, "16": 1.003}.items():
+        for seed in (0, 1):
+            fake_sweep_run("tune-lr", f"lr{scale}-s{seed}", bpb)
+    assert sweeps.tuned_lr_scale() == "8" and "lr32-s0" not in names("tune-lr")  # x8 is inside the range now
+    assert names("tune-warmdown") == ["lr8-wd0.3-s0", "lr8-wd0.7-s0", "lr8-wd0.3-s1", "lr8-wd0.7-s1"] and names("grow-at") == []
+    for seed in (0, 1):
+        fake_sweep_run("tune-warmdown", f"lr8-wd0.3-s{seed}", 0.9855)  # better by 0.0015, within the tie margin: 0.5 stays
+        fake_sweep_run("tune-warmdown", f"lr8-wd0.7-s{seed}", 0.990)
+    assert sweeps.tuned_settings() == ("8", "0.5")
+    arms = ["at0.2", "at0.4", "at0.6", "at0.6-wd0.15", "at0.8", "at0.8-wd0.15"]  # growth inside the decay also runs at 0.15
+    assert names("grow-at") == [f"{arm}-s0" for arm in arms] + [f"{arm}-s1" for arm in arms] + ["baseline-s2"] + [f"{arm}-s2" for arm in arms]
+    assert names("confirm") == []
+    fake_sweep_run("grow-at", "baseline-s2", 0.990)
+    for seed in (0, 1, 2):
+        for arm, bpb in zip(arms, (1.01, 0.995, 0.985, 0.982, 0.99, 0.975)):
+            fake_sweep_run("grow-at", f"{arm}-s{seed}", bpb + 0.001 * seed, stacked=True)
+    assert sweeps.best_growth_arm("8", "0.5") == "at0.8-wd0.15"
+    assert names("confirm") == [f"baseline-s{s}" for s in range(3, 8)] + [f"at0.8-wd0.15-s{s}" for s in range(3, 8)]
+    for seed in range(3, 8):
+        fake_sweep_run("confirm", f"baseline-s{seed}", 0.988 + 0.001 * seed)
+        fake_sweep_run("confirm", f"at0.8-wd0.15-s{seed}", 0.975 + 0.0012 * seed, stacked=True)
+    report = "\n".join(sweeps.part2_report())
+    assert "Winner by the rule (lowest mean, ties within 0.002 to the multiplier nearer 1): --lr-scale 8." in report
+    assert "The tuned baseline: --lr-scale 8 --warmdown-ratio 0.5." in report and "Best arm by the rule (lowest mean final val bpb): at0.8-wd0.15." in report
+    assert "| at0.8-wd0.15 | 80% | 0.15 | 3 |" in report and "- Paired t-test (arm minus the baseline of the same seed, 8 seeds)" in report
+    assert "Verdict (stacking beats the tuned baseline only if the paired 95% interval lies below zero): stacking (at0.8-wd0.15) beats the tuned baseline." in report
+
 # -----------------------------------------------------------------------------
 # prepare_data.py: datasets, tokenizer, shards and the train/val windows (helpers first)
 

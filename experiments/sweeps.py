@@ -627,9 +627,11 @@ def plot_growth_point(plt, lr, warmdown):
         for share, savings in points:
             reached = [100 * x for x in savings if x is not None]
             ax.plot([share] * len(reached), reached, "o", color=color, alpha=0.4)
-        means = [(share, 100 * statistics.mean(savings)) for share, savings in points if None not in savings]  # unreached: no saving to average
-        if means:
-            ax.plot(*zip(*means), "-", color=color, lw=2, label=f"warmdown {w}{' (tuned)' * (w == warmdown)}, mean over seeds")
+            ax.plot([share] * (len(savings) - len(reached)), [0] * (len(savings) - len(reached)), "x", color=color, ms=8)
+        # a seed that never reached the baseline has no saving to average: the line breaks there (nan)
+        means = [100 * statistics.mean(savings) if None not in savings else math.nan for _, savings in points]
+        ax.plot([share for share, _ in points], means, "-D", color=color, lw=2, ms=5, label=f"warmdown {w}{' (tuned)' * (w == warmdown)}, mean over seeds")
+    ax.plot([], [], "x", color="gray", label="a seed that never reaches the baseline (drawn at 0)")
     ax.axhline(0, color="gray", lw=0.8)
     ax.set(xlabel="growth share of the FLOPs budget", ylabel="saving to the tuned baseline's val bpb (%)", xlim=(0.1, 0.9),
            title="when to grow: compute saved against the growth point")
