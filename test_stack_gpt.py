@@ -1227,6 +1227,15 @@ def fake_sweep_run(sweep, name, final_bpb, stacked=False):
         f.writelines(json.dumps(r) + "\n" for r in trains + evals + [summary])
 
 
+def test_sweep_streams_skip_a_run_another_stream_is_writing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake_sweep_run("grow-at", "at0.2-s0", 1.0)
+    assert sweeps.running_elsewhere("grow-at", "at0.2-s0") and not sweeps.running_elsewhere("grow-at", "at0.4-s0")
+    stale = time.time() - sweeps.RUNNING_SECONDS - 1  # an interrupted run: its file stopped changing
+    os.utime(f"{sweeps.RUNS}/grow-at/at0.2-s0/metrics.jsonl", (stale, stale))
+    assert not sweeps.running_elsewhere("grow-at", "at0.2-s0")
+
+
 def test_part2_rules_pick_each_step_and_list_the_next(tmp_path, monkeypatch):
     """Part 2's decision rules (experiments.md) on made-up results: each step's winner, and the runs it adds."""
     monkeypatch.chdir(tmp_path)

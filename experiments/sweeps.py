@@ -6,9 +6,11 @@ their metrics files into the tables and plots. Run from the repository root:
     python experiments/sweeps.py run fixed-flops recipes  # run the unfinished runs of these sweeps, one by one
     python experiments/sweeps.py run fixed-flops --seed 1 # only the runs of seed 1 (two such streams fill 2 cores
                                                           # a little better than one run on both: OMP_NUM_THREADS=1 each)
+    python experiments/sweeps.py run grow-at confirm      # started twice, a minute apart: two streams share the runs
     python experiments/sweeps.py report                   # every table (markdown) and the plots, from experiments/runs/
 
-A run is finished when its folder holds a summary record; an interrupted run starts over.
+A run is finished when its folder holds a summary record; an interrupted run starts over once its metrics file
+has been still for 10 minutes (until then another stream is taken to be running it).
 Checkpoints (*.pt) stay out of git; metrics.jsonl and config.json are kept.
 """
 
@@ -18,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import reports  # noqa: E402  (the acceleration arithmetic of stack_gpt.py's --compare)
@@ -52,6 +55,7 @@ GROW_SHARES = ("0.2", "0.4", "0.6", "0.8")  # --grow-at, with one LR schedule ac
 SHORT_WARMDOWN = "0.15"
 GROWTH_SEEDS = (0, 1, 2)
 CONFIRM_SEEDS = tuple(range(8))
+RUNNING_SECONDS = 600  # a metrics file written this recently belongs to a run in progress (see running_elsewhere)
 
 
 def sweeps():
@@ -191,13 +195,26 @@ def fail(message):
     sys.exit(2)
 
 
+def running_elsewhere(sweep, name):
+    """
+    A run is taken to be running in another stream while its metrics file keeps changing (a run logs every
+    few seconds); one untouched for RUNNING_SECONDS was interrupted, and is free to start over.
+    """
+    path = f"{RUNS}/{sweep}/{name}/metrics.jsonl"
+    return os.path.exists(path) and time.time() - os.path.getmtime(path) < RUNNING_SECONDS
+
+
 def run(names, seeds):
     if not os.path.exists(f"{DATA}/meta.json"):
         subprocess.run(PREPARE.split(), check=True)
     for sweep in names:
         # the list is made anew after every run: a finished step of Part 2 can add runs (its rules decide which)
         while todo := [(name, flags) for name, flags in selected(sweep, seeds) if not finished(sweep, name)]:
-            name, flags = todo[0]
+            free = [(name, flags) for name, flags in todo if not running_elsewhere(sweep, name)]
+            if not free:  # the rest run in other streams: wait for them, as their results may add runs to this step
+                time.sleep(60)
+                continue
+            name, flags = free[0]
             shallow = flag_value(flags, "--init-from") if "--init-from" in flags else None
             if shallow and not os.path.exists(shallow):  # checkpoints stay out of git: a fresh clone lacks them
                 fail(f"{name} starts from {shallow}, which is missing: rerun its run first "
