@@ -1222,18 +1222,44 @@ def fake_sweep_run(sweep, name, final_bpb, stacked=False):
              for i in range(11)]
     trains = [{"kind": "train", "phase": phase, "step": i, "flops": r["flops"], "loss": r["val_bpb"] * 2} for i, r in enumerate(evals)]
     summary = {"kind": "summary", "val_bpb": {**({"shallow": 1.7} if stacked else {}), phase: final_bpb}, "flops": budget}
-    os.makedirs(f"{sweeps.RUNS}/{sweep}/{name}")
+    os.makedirs(f"{sweeps.RUNS}/{sweep}/{name}", exist_ok=True)
     with open(f"{sweeps.RUNS}/{sweep}/{name}/metrics.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in trains + evals + [summary])
 
 
-def test_sweep_streams_skip_a_run_another_stream_is_writing(tmp_path, monkeypatch):
+def test_sweep_streams_skip_runs_of_other_streams_and_wait_for_them(tmp_path, monkeypatch):
+    """run(): a finished run is skipped, one another stream is writing is left to it, and with only such left the stream waits."""
     monkeypatch.chdir(tmp_path)
-    fake_sweep_run("grow-at", "at0.2-s0", 1.0)
-    assert sweeps.running_elsewhere("grow-at", "at0.2-s0") and not sweeps.running_elsewhere("grow-at", "at0.4-s0")
-    stale = time.time() - sweeps.RUNNING_SECONDS - 1  # an interrupted run: its file stopped changing
-    os.utime(f"{sweeps.RUNS}/grow-at/at0.2-s0/metrics.jsonl", (stale, stale))
-    assert not sweeps.running_elsewhere("grow-at", "at0.2-s0")
+    os.makedirs(sweeps.DATA)
+    open(f"{sweeps.DATA}/meta.json", "w").close()
+    monkeypatch.setattr(sweeps, "sweeps", lambda: {"demo": [(name, ["--depth", "4"]) for name in ("a-s0", "b-s0", "c-s0", "d-s0")]})
+    fake_sweep_run("demo", "a-s0", 1.0)
+    os.makedirs(f"{sweeps.RUNS}/demo/b-s0")
+    with open(f"{sweeps.RUNS}/demo/b-s0/metrics.jsonl", "w") as f:  # started, unfinished, and still being written
+        f.write(json.dumps({"kind": "plan"}) + "\n")
+    stale = time.time() - sweeps.RUNNING_SECONDS - 1
+    fake_sweep_run("demo", "c-s0", 1.0)
+    with open(f"{sweeps.RUNS}/demo/c-s0/metrics.jsonl", "w") as f:  # an interrupted run: its file stopped changing
+        f.write(json.dumps({"kind": "plan"}) + "\n")
+    os.utime(f"{sweeps.RUNS}/demo/c-s0/metrics.jsonl", (stale, stale))
+    started, waits = [], []
+
+    def train(command, check):  # a run that finishes at once; meanwhile its claim marks it as taken
+        name = os.path.basename(command[command.index("--out-dir") + 1])
+        assert sweeps.running_elsewhere("demo", name)
+        started.append(name)
+        fake_sweep_run("demo", name, 1.0)
+
+    def sleep(seconds):  # the other stream finishes b-s0 while this one waits
+        waits.append(seconds)
+        fake_sweep_run("demo", "b-s0", 1.0)
+
+    monkeypatch.setattr(sweeps.subprocess, "run", train)
+    monkeypatch.setattr(sweeps.time, "sleep", sleep)
+    sweeps.run(["demo"], [])
+    assert started == ["c-s0", "d-s0"] and waits == [60] and sweeps.claim("demo", []) is None
+    monkeypatch.setattr(sweeps, "sweeps", lambda: {"demo": [("e-s0", []), ("f-s0", [])]})
+    assert [sweeps.claim("demo", []) for _ in range(3)] == [("e-s0", []), ("f-s0", []), "wait"]  # a claimed run is not handed out twice
 
 
 def test_part2_rules_pick_each_step_and_list_the_next(tmp_path, monkeypatch):
@@ -1270,6 +1296,9 @@ def test_part2_rules_pick_each_step_and_list_the_next(tmp_path, monkeypatch):
     assert "The tuned baseline: --lr-scale 8 --warmdown-ratio 0.5." in report and "Best arm by the rule (lowest mean final val bpb): at0.8-wd0.15." in report
     assert "| at0.8-wd0.15 | 80% | 0.15 | 3 |" in report and "- Paired t-test (arm minus the baseline of the same seed, 8 seeds)" in report
     assert "Verdict (stacking beats the tuned baseline only if the paired 95% interval lies below zero): stacking (at0.8-wd0.15) beats the tuned baseline." in report
+    for seed in range(3, 8):  # the same arm, but worse than the baseline in the confirmation seeds
+        fake_sweep_run("confirm", f"at0.8-wd0.15-s{seed}", 0.999, stacked=True)
+    assert "stacking (at0.8-wd0.15) does not beat the tuned baseline." in "\n".join(sweeps.part2_report())
 
 # -----------------------------------------------------------------------------
 # prepare_data.py: datasets, tokenizer, shards and the train/val windows (helpers first)

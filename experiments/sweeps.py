@@ -15,6 +15,7 @@ Checkpoints (*.pt) stay out of git; metrics.jsonl and config.json are kept.
 """
 
 import argparse
+import fcntl
 import math
 import os
 import statistics
@@ -204,17 +205,37 @@ def running_elsewhere(sweep, name):
     return os.path.exists(path) and time.time() - os.path.getmtime(path) < RUNNING_SECONDS
 
 
+def claim(sweep, seeds):
+    """
+    This stream's next run of `sweep`: (name, flags); "wait" while every unfinished run is running in another
+    stream; None once all have finished. Streams choose under one lock and mark their choice by touching its
+    metrics file before they let go, so two never start the same run.
+    """
+    os.makedirs(f"{RUNS}/{sweep}", exist_ok=True)
+    with open(f"{RUNS}/.streams.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held until the file closes
+        todo = [(name, flags) for name, flags in selected(sweep, seeds) if not finished(sweep, name)]
+        free = [(name, flags) for name, flags in todo if not running_elsewhere(sweep, name)]
+        if not free:
+            return "wait" if todo else None
+        name, flags = free[0]
+        os.makedirs(f"{RUNS}/{sweep}/{name}", exist_ok=True)
+        open(f"{RUNS}/{sweep}/{name}/metrics.jsonl", "a").close()
+        os.utime(f"{RUNS}/{sweep}/{name}/metrics.jsonl")  # running_elsewhere from now on (the run's --overwrite empties it)
+        return name, flags
+
+
 def run(names, seeds):
     if not os.path.exists(f"{DATA}/meta.json"):
         subprocess.run(PREPARE.split(), check=True)
     for sweep in names:
-        # the list is made anew after every run: a finished step of Part 2 can add runs (its rules decide which)
-        while todo := [(name, flags) for name, flags in selected(sweep, seeds) if not finished(sweep, name)]:
-            free = [(name, flags) for name, flags in todo if not running_elsewhere(sweep, name)]
-            if not free:  # the rest run in other streams: wait for them, as their results may add runs to this step
+        # claimed anew after every run: a finished step of Part 2 can add runs (its rules decide which)
+        while next_run := claim(sweep, seeds):
+            if next_run == "wait":  # the rest run in other streams, and their results may add runs to this step
+                print(f"waiting for the {sweep} runs of other streams", flush=True)
                 time.sleep(60)
                 continue
-            name, flags = free[0]
+            name, flags = next_run
             shallow = flag_value(flags, "--init-from") if "--init-from" in flags else None
             if shallow and not os.path.exists(shallow):  # checkpoints stay out of git: a fresh clone lacks them
                 fail(f"{name} starts from {shallow}, which is missing: rerun its run first "
@@ -481,8 +502,16 @@ def confirm_tests(arm, base):
             f"95% CI [{mean - half:+.4f}, {mean + half:+.4f}], t = {t:.2f}, df = {len(arm) - 1}, p = {p:.3g}",
             f"- Welch's unpaired test: difference of means {difference:+.4f}, 95% CI [{difference - welch_half:+.4f}, "
             f"{difference + welch_half:+.4f}], t = {welch_t:.2f}, df = {df:.1f}, p = {welch_p:.3g}",
-            f"- Correlation across seeds between the arm's and the baseline's final val bpb: r = {statistics.correlation(arm, base):+.2f} "
+            f"- Correlation across seeds between the arm's and the baseline's final val bpb: r = {correlation(arm, base)} "
             "(Welch's test assumes 0; below 0, its p-value is too small)"]
+
+
+def correlation(a, b):
+    """Pearson's r as text ("undefined" when either side has no spread at all)."""
+    try:
+        return f"{statistics.correlation(a, b):+.2f}"
+    except statistics.StatisticsError:
+        return "undefined (no spread)"
 
 
 def confirm_section(best):
@@ -648,7 +677,8 @@ def plot_growth_point(plt, lr, warmdown):
         # a seed that never reached the baseline has no saving to average: the line breaks there (nan)
         means = [100 * statistics.mean(savings) if None not in savings else math.nan for _, savings in points]
         ax.plot([share for share, _ in points], means, "-D", color=color, lw=2, ms=5, label=f"warmdown {w}{' (tuned)' * (w == warmdown)}, mean over seeds")
-    ax.plot([], [], "x", color="gray", label="a seed that never reaches the baseline (drawn at 0)")
+    if any(None in [r["bpb_saving"] for r in rows] for *_, rows in results):
+        ax.plot([], [], "x", color="gray", label="a seed that never reaches the baseline (drawn at 0)")
     ax.axhline(0, color="gray", lw=0.8)
     ax.set(xlabel="growth share of the FLOPs budget", ylabel="saving to the tuned baseline's val bpb (%)", xlim=(0.1, 0.9),
            title="when to grow: compute saved against the growth point")
