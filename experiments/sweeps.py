@@ -180,8 +180,12 @@ def command(sweep, name, flags):
     return ["python", "stack_gpt.py"] + FAMILY + flags + ["--out-dir", f"{RUNS}/{sweep}/{name}"]
 
 
+def metrics_path(sweep, name):
+    return f"{RUNS}/{sweep}/{name}/metrics.jsonl"
+
+
 def finished(sweep, name):
-    path = f"{RUNS}/{sweep}/{name}/metrics.jsonl"
+    path = metrics_path(sweep, name)
     return os.path.exists(path) and '"kind": "summary"' in open(path).read()
 
 
@@ -201,7 +205,7 @@ def running_elsewhere(sweep, name):
     A run is taken to be running in another stream while its metrics file keeps changing (a run logs every
     few seconds); one untouched for RUNNING_SECONDS was interrupted, and is free to start over.
     """
-    path = f"{RUNS}/{sweep}/{name}/metrics.jsonl"
+    path = metrics_path(sweep, name)
     return os.path.exists(path) and time.time() - os.path.getmtime(path) < RUNNING_SECONDS
 
 
@@ -211,7 +215,7 @@ def claim(sweep, seeds):
     stream; None once all have finished. Streams choose under one lock and mark their choice by touching its
     metrics file before they let go, so two never start the same run.
     """
-    os.makedirs(f"{RUNS}/{sweep}", exist_ok=True)
+    os.makedirs(RUNS, exist_ok=True)
     with open(f"{RUNS}/.streams.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # held until the file closes
         todo = [(name, flags) for name, flags in selected(sweep, seeds) if not finished(sweep, name)]
@@ -220,8 +224,8 @@ def claim(sweep, seeds):
             return "wait" if todo else None
         name, flags = free[0]
         os.makedirs(f"{RUNS}/{sweep}/{name}", exist_ok=True)
-        open(f"{RUNS}/{sweep}/{name}/metrics.jsonl", "a").close()
-        os.utime(f"{RUNS}/{sweep}/{name}/metrics.jsonl")  # running_elsewhere from now on (the run's --overwrite empties it)
+        open(metrics_path(sweep, name), "a").close()
+        os.utime(metrics_path(sweep, name))  # running_elsewhere from now on (the run's --overwrite empties it)
         return name, flags
 
 
@@ -347,7 +351,10 @@ def paired_test(differences):
 def welch_test(a, b):
     """Welch's unpaired t-test of mean(a) - mean(b): (difference, half-width of its 95% interval, t, df, two-sided p)."""
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)  # each mean's squared standard error
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if va + vb else len(a) + len(b) - 2  # Welch-Satterthwaite (no spread: the pooled df)
+    if va + vb:
+        df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))  # Welch-Satterthwaite
+    else:  # no spread on either side: the formula is 0/0, take the pooled test's df
+        df = len(a) + len(b) - 2
     difference, standard_error = statistics.mean(a) - statistics.mean(b), math.sqrt(va + vb)
     t = t_statistic(difference, standard_error)
     return difference, t_critical(0.05, df) * standard_error, t, df, t_two_sided_p(t, df)
@@ -673,7 +680,7 @@ def plot_growth_point(plt, lr, warmdown):
         for share, savings in points:
             reached = [100 * x for x in savings if x is not None]
             ax.plot([share] * len(reached), reached, "o", color=color, alpha=0.4)
-            ax.plot([share] * (len(savings) - len(reached)), [0] * (len(savings) - len(reached)), "x", color=color, ms=8)
+            ax.plot([share] * savings.count(None), [0] * savings.count(None), "x", color=color, ms=8)
         # a seed that never reached the baseline has no saving to average: the line breaks there (nan)
         means = [100 * statistics.mean(savings) if None not in savings else math.nan for _, savings in points]
         ax.plot([share for share, _ in points], means, "-D", color=color, lw=2, ms=5, label=f"warmdown {w}{' (tuned)' * (w == warmdown)}, mean over seeds")
