@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -1181,6 +1182,19 @@ def test_acceleration_when_the_first_record_is_already_there_or_never():
     assert "not reached" in reports.format_report([row])
 
 
+def test_compute_ratio_at_the_val_bpb_both_reach():
+    """A run that ends worse is charged its FLOPs over the baseline's to the run's final val bpb; one that ends better, bpb_fraction."""
+    baseline = [{"kind": "train", "loss": 2.0, "flops": 100.0}] + [{"kind": "eval", "val_bpb": bpb, "flops": flops}
+                                                                    for flops, bpb in ((0.0, 3.0), (50.0, 1.2), (100.0, 1.0))]
+    # ends at 1.1 after 100 FLOPs, where the baseline's line from 1.2 at 50 to 1.0 at 100 is at 75
+    row = reports.acceleration(baseline, crossing_metrics([(0.0, 3.0), (100.0, 1.1)])[1], "worse")
+    assert row["bpb_fraction"] is None and row["bpb_compute_ratio"] == pytest.approx(100 / 75)
+    row = reports.acceleration(baseline, crossing_metrics([(0.0, 3.0), (40.0, 1.5), (60.0, 0.5), (100.0, 0.4)])[1], "better")
+    assert row["bpb_compute_ratio"] == row["bpb_fraction"] == pytest.approx(0.5)
+    row = reports.acceleration(baseline, crossing_metrics([(0.0, 3.0), (100.0, 3.5)])[1], "diverged")  # the untrained baseline is better
+    assert row["bpb_compute_ratio"] == math.inf
+
+
 # Student's t in experiments/sweeps.py (no scipy)
 
 def test_t_p_values_match_the_tables_and_closed_forms():
@@ -1287,6 +1301,11 @@ def test_part2_rules_pick_each_step_and_list_the_next(tmp_path, monkeypatch):
         for arm, bpb in zip(arms, (1.01, 0.995, 0.985, 0.982, 0.99, 0.975)):
             fake_sweep_run("grow-at", f"{arm}-s{seed}", bpb + 0.001 * seed, stacked=True)
     assert sweeps.best_growth_arm("8", "0.5") == "at0.8-wd0.15"
+    # every fake curve is a straight line from 3.0, so a run at final val bpb x and its baseline at b reach the worse
+    # of the two at FLOPs in the ratio (3 - b) / (3 - x), whichever ends better: the signed saving is 1 minus that
+    row = next(line for line in sweeps.part2_report() if line.startswith("| at0.2 |"))
+    savings = [1 - (3 - b) / (3 - (1.01 + 0.001 * seed)) for seed, b in ((0, 0.987), (1, 0.987), (2, 0.990))]
+    assert f"| {100 * statistics.mean(savings):+.1f}% ± {100 * statistics.stdev(savings):.1f} (speedup " in row and "-1.2%" in row
     assert names("confirm") == [f"baseline-s{s}" for s in range(3, 8)] + [f"at0.8-wd0.15-s{s}" for s in range(3, 8)]
     for seed in range(3, 8):
         fake_sweep_run("confirm", f"baseline-s{seed}", 0.988 + 0.001 * seed)

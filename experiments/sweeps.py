@@ -280,11 +280,25 @@ def pct_mean_std(values):
     return pct(statistics.mean(values)) + (f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else "")
 
 
+def matched_saving(row):
+    """
+    Part 2's saving of a run against its baseline at the val bpb both reach (reports.acceleration's
+    bpb_compute_ratio): the saving to the baseline's final val bpb where the run gets there, and
+    negative where it never does, by the compute it spent beyond what the baseline needed for the run's own final val bpb.
+    """
+    return 1 - row["bpb_compute_ratio"]
+
+
+def speedup(saving):
+    """The paper's unit for a saving (its 54.5%): the baseline's compute over the run's, less one."""
+    return None if saving is None else 1 / (1 - saving) - 1
+
+
 def saving_with_speedup(savings):
-    """Savings as mean ± std, with the speedup 1 / (1 - saving) - 1 of their mean (the unit of the paper's 54.5%)."""
+    """Savings as mean ± std, with the speedup of their mean."""
     if None in savings:
         return pct_mean_std(savings)
-    return f"{pct_mean_std(savings)} (speedup {100 * (1 / (1 - statistics.mean(savings)) - 1):+.1f}%)"
+    return f"{pct_mean_std(savings)} (speedup {pct(speedup(statistics.mean(savings)))})"
 
 
 # --- Student's t, without scipy ---
@@ -493,11 +507,11 @@ def growth_results(lr, warmdown):
 def growth_table(results):
     """Part 2, step 2: one row per growth arm, each seed against the tuned baseline of the same seed."""
     lines = ["| arm | grows at | warmdown | seeds | final val bpb | minus tuned baseline's, same seed (95% CI) | "
-             "saving to baseline val bpb (speedup of the mean) |", "|---|---|---|---|---|---|---|"]
+             "compute saved at the val bpb both reach (speedup of the mean) |", "|---|---|---|---|---|---|---|"]
     for arm, share, warmdown, rows in results:
         lines.append(f"| {arm} | {float(share):.0%} | {warmdown} | {len(rows)} | {mean_std([r['val_bpb'] for r in rows])} | "
                      f"{paired_difference([r['val_bpb'] - r['baseline_val_bpb'] for r in rows])} | "
-                     f"{saving_with_speedup([r['bpb_saving'] for r in rows])} |")
+                     f"{saving_with_speedup([matched_saving(r) for r in rows])} |")
     return lines
 
 
@@ -525,10 +539,11 @@ def confirm_section(best):
     """Part 2, step 3: the best growth arm against the tuned baseline seed by seed, the tests, and the rule's verdict."""
     baselines = {s: tuned_baseline(s) for s in CONFIRM_SEEDS}
     rows = seed_rows(lambda s: growth_run(best, s), baselines.get, CONFIRM_SEEDS)
-    lines = [f"| seed | tuned baseline val bpb | {best} val bpb | difference | saving to baseline val bpb | speedup |", "|---|---|---|---|---|---|"]
+    lines = [f"| seed | tuned baseline val bpb | {best} val bpb | difference | compute saved at the val bpb both reach | speedup |",
+             "|---|---|---|---|---|---|"]
     for s, r in rows.items():
         lines.append(f"| {s} | {r['baseline_val_bpb']:.4f} | {r['val_bpb']:.4f} | {r['val_bpb'] - r['baseline_val_bpb']:+.4f} | "
-                     f"{pct(r['bpb_saving'])} | {pct(r['bpb_speedup'])} |")
+                     f"{pct(matched_saving(r))} | {pct(speedup(matched_saving(r)))} |")
     if len(rows) < 2:
         return lines
     arm, base = [r["val_bpb"] for r in rows.values()], [r["baseline_val_bpb"] for r in rows.values()]
@@ -593,6 +608,11 @@ def report():
     plots(base_runs)
 
 
+def seeds_label(count):
+    """How a plot's legend names the seeds behind a line: '1 seed', or 'mean of 3 seeds'."""
+    return "1 seed" if count == 1 else f"mean of {count} seeds"
+
+
 def plots(base_runs):
     try:
         import matplotlib
@@ -609,7 +629,7 @@ def plots(base_runs):
         if runs:  # every seed of an arm evaluates at the same FLOPs, so the curves average point by point
             evals = [[r for r in run if r["kind"] == "eval"] for run in runs]
             ax.plot([r["flops"] for r in evals[0]], [statistics.mean(v) for v in zip(*([r["val_bpb"] for r in e] for e in evals))],
-                    label=f"{label} ({'mean of ' * (len(runs) > 1)}{len(runs)} seed{'s' * (len(runs) > 1)})")
+                    label=f"{label} ({seeds_label(len(runs))})")
     ax.set(xlabel="cumulative training FLOPs", ylabel="val bpb", ylim=(None, 2.0), title="val bpb against compute")
     ax.legend()
     fig.savefig("experiments/bpb_vs_flops.png", dpi=120, bbox_inches="tight")
@@ -657,7 +677,7 @@ def plot_differences(plt, lr, warmdown):
             differences.append(np.array(bpb) - np.interp(flops, *eval_curve(base)))  # the baseline's curve, linear between its evaluations
             ax.plot(flops, differences[-1], color=color, lw=0.5, alpha=0.5)
         if differences:  # an arm's seeds evaluate at the same FLOPs, so the mean goes point by point
-            ax.plot(flops, np.mean(differences, axis=0), color=color, lw=2.5, label=f"{arm} (mean of {len(differences)} seeds)")
+            ax.plot(flops, np.mean(differences, axis=0), color=color, lw=2.5, label=f"{arm} ({seeds_label(len(differences))})")
     if not ax.lines:
         plt.close(fig)
         return None
@@ -670,25 +690,23 @@ def plot_differences(plt, lr, warmdown):
 
 
 def plot_growth_point(plt, lr, warmdown):
-    """Part 2, step 2: the val bpb saving against the growth share, a line through the means per warmdown, a point per seed."""
+    """
+    Part 2, step 2: the compute saved at the val bpb both runs reach (negative: spent beyond the baseline's)
+    against the growth share, a point per seed and a line through the means per warmdown.
+    """
     results = growth_results(lr, warmdown)
     if not results:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for w, color in zip(sorted({w for _, _, w, _ in results}, key=float, reverse=True), plt.cm.tab10.colors):
-        points = [(float(share), [r["bpb_saving"] for r in rows]) for _, share, arm_warmdown, rows in results if arm_warmdown == w]
+        points = [(float(share), [100 * matched_saving(r) for r in rows]) for _, share, arm_warmdown, rows in results if arm_warmdown == w]
         for share, savings in points:
-            reached = [100 * x for x in savings if x is not None]
-            ax.plot([share] * len(reached), reached, "o", color=color, alpha=0.4)
-            ax.plot([share] * savings.count(None), [0] * savings.count(None), "x", color=color, ms=8)
-        # a seed that never reached the baseline has no saving to average: the line breaks there (nan)
-        means = [100 * statistics.mean(savings) if None not in savings else math.nan for _, savings in points]
-        ax.plot([share for share, _ in points], means, "-D", color=color, lw=2, ms=5, label=f"warmdown {w}{' (tuned)' * (w == warmdown)}, mean over seeds")
-    if any(None in [r["bpb_saving"] for r in rows] for *_, rows in results):
-        ax.plot([], [], "x", color="gray", label="a seed that never reaches the baseline (drawn at 0)")
+            ax.plot([share] * len(savings), savings, "o", color=color, alpha=0.4)
+        ax.plot([share for share, _ in points], [statistics.mean(savings) for _, savings in points], "-D", color=color, lw=2, ms=5,
+                label=f"warmdown {w}{' (tuned)' * (w == warmdown)}, mean over seeds")
     ax.axhline(0, color="gray", lw=0.8)
-    ax.set(xlabel="growth share of the FLOPs budget", ylabel="saving to the tuned baseline's val bpb (%)", xlim=(0.1, 0.9),
-           title="when to grow: compute saved against the growth point")
+    ax.set(xlabel="growth share of the FLOPs budget", ylabel="compute saved at the val bpb both reach (%)", xlim=(0.1, 0.9),
+           title="when to grow: compute saved (below 0: spent extra) against the growth point")
     ax.legend()
     fig.savefig("experiments/part2_saving_vs_growth_share.png", dpi=120, bbox_inches="tight")
     return "experiments/part2_saving_vs_growth_share.png"
