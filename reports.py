@@ -164,8 +164,9 @@ def acceleration(baseline, run, name):
     and the paper's speedup = 1/fraction - 1 (compute the baseline needed over what we needed).
     The crossing is interpolated linearly between the two records around it (flops_reaching).
     A run that never reaches the baseline's val bpb has no saving in that sense, so bpb_compute_ratio
-    compares the two where both get to, at the worse of their final val bpbs: the run's FLOPs to it over
-    the baseline's. Below 1 it is bpb_fraction; above 1 the run cost more than the baseline needed.
+    compares the two where both get to: where the run reaches the baseline's final val bpb it is
+    bpb_fraction, else it is the run's total FLOPs over the baseline's FLOPs to the run's final val bpb
+    (above 1: the run cost more than the baseline needed for it).
     """
     base_train = [r for r in baseline if r["kind"] == "train"]
     base_evals = [r for r in baseline if r["kind"] == "eval"]
@@ -181,11 +182,11 @@ def acceleration(baseline, run, name):
         row[f"{metric}_fraction"] = fraction
         row[f"{metric}_saving"] = 1 - fraction if fraction else None
         row[f"{metric}_speedup"] = 1 / fraction - 1 if fraction else None
-    if row["bpb_fraction"] is not None:
+    if row["bpb_fraction"]:
         row["bpb_compute_ratio"] = row["bpb_fraction"]
     else:  # the run ends worse, so the baseline gets to the run's final val bpb at or before its own end
         reached = flops_reaching(base_evals, "val_bpb", row["val_bpb"])
-        row["bpb_compute_ratio"] = row["flops"] / reached if reached else math.inf  # inf: the baseline is there at 0 FLOPs, untrained
+        row["bpb_compute_ratio"] = row["flops"] / reached if reached else None  # None: a NaN, or worse than the untrained baseline
     return row
 
 

@@ -284,9 +284,10 @@ def matched_saving(row):
     """
     Part 2's saving of a run against its baseline at the val bpb both reach (reports.acceleration's
     bpb_compute_ratio): the saving to the baseline's final val bpb where the run gets there, and
-    negative where it never does, by the compute it spent beyond what the baseline needed for the run's own final val bpb.
+    negative where it never does: the compute it spent beyond what the baseline needed for the run's
+    own final val bpb, as a share of the latter. None for a run that diverged.
     """
-    return 1 - row["bpb_compute_ratio"]
+    return None if row["bpb_compute_ratio"] is None else 1 - row["bpb_compute_ratio"]
 
 
 def speedup(saving):
@@ -699,11 +700,13 @@ def plot_growth_point(plt, lr, warmdown):
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for w, color in zip(sorted({w for _, _, w, _ in results}, key=float, reverse=True), plt.cm.tab10.colors):
-        points = [(float(share), [100 * matched_saving(r) for r in rows]) for _, share, arm_warmdown, rows in results if arm_warmdown == w]
+        points = [(float(share), [100 * x for x in map(matched_saving, rows) if x is not None])
+                  for _, share, arm_warmdown, rows in results if arm_warmdown == w]
+        points = [(share, savings) for share, savings in points if savings]  # a diverged run has no saving to draw
         for share, savings in points:
             ax.plot([share] * len(savings), savings, "o", color=color, alpha=0.4)
         ax.plot([share for share, _ in points], [statistics.mean(savings) for _, savings in points], "-D", color=color, lw=2, ms=5,
-                label=f"warmdown {w}{' (tuned)' * (w == warmdown)}, mean over seeds")
+                label=f"warmdown {w}{' (tuned)' * (w == warmdown)}, mean of each point's seeds")
     ax.axhline(0, color="gray", lw=0.8)
     ax.set(xlabel="growth share of the FLOPs budget", ylabel="compute saved at the val bpb both reach (%)", xlim=(0.1, 0.9),
            title="when to grow: compute saved (below 0: spent extra) against the growth point")
