@@ -1276,6 +1276,23 @@ def test_sweep_streams_skip_runs_of_other_streams_and_wait_for_them(tmp_path, mo
     assert [sweeps.claim("demo", []) for _ in range(3)] == [("e-s0", []), ("f-s0", []), "wait"]  # a claimed run is not handed out twice
 
 
+def test_sweep_streams_go_on_to_the_next_sweep_and_wait_for_a_checkpoint(tmp_path, monkeypatch):
+    """next_run(): while a sweep's unfinished runs all run elsewhere, a stream takes the next sweep's; a run waits
+    while the run whose checkpoint it starts from (--init-from) is still running in another stream."""
+    monkeypatch.chdir(tmp_path)
+    shallow = f"{sweeps.RUNS}/one/a-s0/shallow.pt"
+    monkeypatch.setattr(sweeps, "sweeps", lambda: {"one": [("a-s0", []), ("b-s0", ["--init-from", shallow])],
+                                                   "two": [("c-s0", [])]})
+    assert sweeps.next_run(["one", "two"], []) == ("one", "a-s0", [])
+    assert sweeps.next_run(["one", "two"], []) == ("two", "c-s0", [])  # b-s0 needs a-s0's checkpoint, still being written
+    assert sweeps.next_run(["one", "two"], []) == "wait"
+    fake_sweep_run("one", "a-s0", 1.0)
+    assert sweeps.next_run(["one", "two"], []) == ("one", "b-s0", ["--init-from", shallow])
+    fake_sweep_run("one", "b-s0", 1.0)
+    fake_sweep_run("two", "c-s0", 1.0)
+    assert sweeps.next_run(["one", "two"], []) is None
+
+
 def test_part2_rules_pick_each_step_and_list_the_next(tmp_path, monkeypatch):
     """Part 2's decision rules (experiments.md) on made-up results: each step's winner, and the runs it adds."""
     monkeypatch.chdir(tmp_path)
@@ -1295,7 +1312,7 @@ def test_part2_rules_pick_each_step_and_list_the_next(tmp_path, monkeypatch):
     assert sweeps.tuned_settings() == ("8", "0.5")
     arms = ["at0.2", "at0.4", "at0.6", "at0.6-wd0.15", "at0.8", "at0.8-wd0.15"]  # growth inside the decay also runs at 0.15
     assert names("grow-at") == [f"{arm}-s0" for arm in arms] + [f"{arm}-s1" for arm in arms] + ["baseline-s2"] + [f"{arm}-s2" for arm in arms]
-    assert names("confirm") == []
+    assert names("confirm") == [f"baseline-s{s}" for s in range(3, 8)]  # the arm's runs wait for step 2's winner
     fake_sweep_run("grow-at", "baseline-s2", 0.990)
     for seed in (0, 1, 2):
         for arm, bpb in zip(arms, (1.01, 0.995, 0.985, 0.982, 0.99, 0.975)):

@@ -87,9 +87,10 @@ def sweeps():
         for s in GROWTH_SEEDS:
             grow_at += [(f"baseline-s{s}", baseline + ["--seed", str(s)])] if s not in TUNING_SEEDS else []
             grow_at += [(f"{name}-s{s}", flags + ["--seed", str(s)]) for name, flags in growth_arms(lr, tuned_warmdown).items()]
+        # the confirmation's baselines do not depend on which arm wins: they can run while step 2 finishes
+        confirm = [(f"baseline-s{s}", baseline + ["--seed", str(s)]) for s in CONFIRM_SEEDS if s not in GROWTH_SEEDS]
         best = best_growth_arm(lr, tuned_warmdown)
         if best:
-            confirm = [(f"baseline-s{s}", baseline + ["--seed", str(s)]) for s in CONFIRM_SEEDS if s not in GROWTH_SEEDS]
             confirm += [(f"{best}-s{s}", growth_arms(lr, tuned_warmdown)[best] + ["--seed", str(s)]) for s in CONFIRM_SEEDS if s not in GROWTH_SEEDS]
     return {"fixed-flops": fixed, "recipes": recipes, "warmdown": warmdown, "miniseries": mini, "tune-lr": tune_lr,
             "tune-warmdown": tune_warmdown, "grow-at": grow_at, "confirm": confirm}
@@ -209,17 +210,26 @@ def running_elsewhere(sweep, name):
     return os.path.exists(path) and time.time() - os.path.getmtime(path) < RUNNING_SECONDS
 
 
+def producer_in_flight(flags):
+    """Whether this run starts from (--init-from) the checkpoint of a run that another stream has yet to finish."""
+    if "--init-from" not in flags:
+        return False
+    sweep, name = os.path.relpath(os.path.dirname(flag_value(flags, "--init-from")), RUNS).split(os.sep)
+    return not finished(sweep, name) and running_elsewhere(sweep, name)
+
+
 def claim(sweep, seeds):
     """
     This stream's next run of `sweep`: (name, flags); "wait" while every unfinished run is running in another
-    stream; None once all have finished. Streams choose under one lock and mark their choice by touching its
-    metrics file before they let go, so two never start the same run.
+    stream (or starts from a checkpoint that one is still writing); None once all have finished. Streams choose
+    under one lock and mark their choice by touching its metrics file before they let go, so two never start
+    the same run.
     """
     os.makedirs(RUNS, exist_ok=True)
     with open(f"{RUNS}/.streams.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # held until the file closes
         todo = [(name, flags) for name, flags in selected(sweep, seeds) if not finished(sweep, name)]
-        free = [(name, flags) for name, flags in todo if not running_elsewhere(sweep, name)]
+        free = [(name, flags) for name, flags in todo if not running_elsewhere(sweep, name) and not producer_in_flight(flags)]
         if not free:
             return "wait" if todo else None
         name, flags = free[0]
@@ -229,23 +239,36 @@ def claim(sweep, seeds):
         return name, flags
 
 
+def next_run(names, seeds):
+    """
+    This stream's next run, (sweep, name, flags), from the first of the named sweeps with one free; "wait" while
+    the rest run in other streams (their results may add runs: Part 2's steps); None once all have finished.
+    """
+    waiting = False
+    for sweep in names:
+        claimed = claim(sweep, seeds)
+        if claimed == "wait":
+            waiting = True
+        elif claimed:
+            return (sweep, *claimed)
+    return "wait" if waiting else None
+
+
 def run(names, seeds):
     if not os.path.exists(f"{DATA}/meta.json"):
         subprocess.run(PREPARE.split(), check=True)
-    for sweep in names:
-        # claimed anew after every run: a finished step of Part 2 can add runs (its rules decide which)
-        while next_run := claim(sweep, seeds):
-            if next_run == "wait":  # the rest run in other streams, and their results may add runs to this step
-                print(f"waiting for the {sweep} runs of other streams", flush=True)
-                time.sleep(60)
-                continue
-            name, flags = next_run
-            shallow = flag_value(flags, "--init-from") if "--init-from" in flags else None
-            if shallow and not os.path.exists(shallow):  # checkpoints stay out of git: a fresh clone lacks them
-                fail(f"{name} starts from {shallow}, which is missing: rerun its run first "
-                     f"(rm -r {os.path.dirname(shallow)}; python experiments/sweeps.py run {sweep})")
-            print(" ".join(command(sweep, name, flags)), flush=True)
-            subprocess.run(command(sweep, name, flags) + ["--overwrite"], check=True)
+    while claimed := next_run(names, seeds):  # claimed anew after every run: a finished step of Part 2 can add runs
+        if claimed == "wait":
+            print(f"waiting for the runs of other streams ({' '.join(names)})", flush=True)
+            time.sleep(60)
+            continue
+        sweep, name, flags = claimed
+        shallow = flag_value(flags, "--init-from") if "--init-from" in flags else None
+        if shallow and not os.path.exists(shallow):  # checkpoints stay out of git: a fresh clone lacks them
+            fail(f"{name} starts from {shallow}, which is missing: rerun its run first "
+                 f"(rm -r {os.path.dirname(shallow)}; python experiments/sweeps.py run {sweep})")
+        print(" ".join(command(sweep, name, flags)), flush=True)
+        subprocess.run(command(sweep, name, flags) + ["--overwrite"], check=True)
 
 
 # -----------------------------------------------------------------------------
