@@ -1286,6 +1286,9 @@ def test_sweep_streams_go_on_to_the_next_sweep_and_wait_for_a_checkpoint(tmp_pat
     assert sweeps.next_run(["one", "two"], []) == ("one", "a-s0", [])
     assert sweeps.next_run(["one", "two"], []) == ("two", "c-s0", [])  # b-s0 needs a-s0's checkpoint, still being written
     assert sweeps.next_run(["one", "two"], []) == "wait"
+    stale = time.time() - sweeps.RUNNING_SECONDS - 1
+    os.utime(sweeps.metrics_path("one", "a-s0"), (stale, stale))  # a-s0's stream died: its run is handed out again
+    assert sweeps.next_run(["one", "two"], []) == ("one", "a-s0", [])
     fake_sweep_run("one", "a-s0", 1.0)
     assert sweeps.next_run(["one", "two"], []) == ("one", "b-s0", ["--init-from", shallow])
     fake_sweep_run("one", "b-s0", 1.0)

@@ -211,7 +211,7 @@ def running_elsewhere(sweep, name):
 
 
 def producer_in_flight(flags):
-    """Whether this run starts from (--init-from) the checkpoint of a run that another stream has yet to finish."""
+    """Whether this run starts from (--init-from) a checkpoint of a run that another stream is still running."""
     if "--init-from" not in flags:
         return False
     sweep, name = os.path.relpath(os.path.dirname(flag_value(flags, "--init-from")), RUNS).split(os.sep)
@@ -243,6 +243,8 @@ def next_run(names, seeds):
     """
     This stream's next run, (sweep, name, flags), from the first of the named sweeps with one free; "wait" while
     the rest run in other streams (their results may add runs: Part 2's steps); None once all have finished.
+    Name each step after the steps it depends on (tune-lr tune-warmdown grow-at confirm), or a stream can
+    finish before a step's results add the next step's runs.
     """
     waiting = False
     for sweep in names:
