@@ -11,6 +11,7 @@ import errno
 import json
 import math
 import os
+import subprocess
 import warnings
 from dataclasses import asdict
 
@@ -190,6 +191,16 @@ def check_run_dir(args):
         raise UsageError(f"{args.out_dir} holds an unfinished run: --resume continues it, --overwrite starts over")
 
 
+def code_commit():
+    """The git commit this code is at ("+dirty" with uncommitted changes), so that a run says which code made it; None outside git."""
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty=+dirty", "--abbrev=40", "--exclude=*"],  # no tag names
+                                   capture_output=True, text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.TimeoutExpired):  # no git here
+        return None
+    return described.stdout.strip() if described.returncode == 0 else None
+
+
 def prepare_run_dir(args, metrics_lines=None):
     """Save the config; start a fresh metrics file (and drop an old run's checkpoints), or cut a resumed one back."""
     path = os.path.join(args.out_dir, "metrics.jsonl")
@@ -202,7 +213,8 @@ def prepare_run_dir(args, metrics_lines=None):
                     os.remove(os.path.join(args.out_dir, name))
         elif os.path.exists(path):
             kept = [line for line in open(path).readlines()[:metrics_lines] if line.endswith("\n")]
-        prepare_data.write_atomic(os.path.join(args.out_dir, "config.json"), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
+        config = json.dumps({**vars(args), "code_commit": code_commit()}, indent=2)
+        prepare_data.write_atomic(os.path.join(args.out_dir, "config.json"), lambda f: f.write(config.encode()))
         prepare_data.write_atomic(path, lambda f: f.write("".join(kept).encode()))
     except OSError as e:
         raise UsageError(f"cannot write the run folder {args.out_dir} ({e.strerror}): choose another --out-dir")

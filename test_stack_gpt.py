@@ -617,6 +617,11 @@ def test_baseline_run(tiny_data, tmp_path):
     records = metrics_of(out)
     assert {r["phase"] for r in records if r["kind"] == "train"} == {"baseline"}
     assert records[-1]["kind"] == "summary" and os.path.exists(os.path.join(out, "final.pt"))
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["depth"] == 2 and config["data"] == tiny_data
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (CI's is): the run names the commit its code is at
+        assert config["code_commit"].removesuffix("+dirty") == head.stdout.strip()
 
 
 @pytest.mark.parametrize("flags", [
