@@ -36,6 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "experiments"))
 import sweeps  # noqa: E402  (experiments/sweeps.py: its statistics are tested with the reports)
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+RUN_TIMEOUT = 600  # seconds for a tiny run in a subprocess: a guard against a hang, generous for a machine under load
 
 
 def tiny_config(n_layer=3, n_head=2, n_embd=64, vocab_size=100, sequence_len=16, ve_layers=None):
@@ -714,7 +715,7 @@ def golden_metrics(tmp_path):
         out = tmp_path / name
         flags = [f.format(stacked=tmp_path / "stacked") for f in flags]
         proc = subprocess.run([sys.executable, "stack_gpt.py"] + GOLDEN_FLAGS + flags + ["--data", str(tmp_path / "data"), "--out-dir", str(out)],
-                              cwd=HERE, env={**os.environ, **PORTABLE}, capture_output=True, text=True, timeout=240)
+                              cwd=HERE, env={**os.environ, **PORTABLE}, capture_output=True, text=True, timeout=RUN_TIMEOUT)
         assert proc.returncode == 0, proc.stderr[-2000:]
         records = metrics_of(out)
         plan = [{k: v for k, v in p.items() if k != "config"} for p in records[0]["phases"]]
@@ -935,7 +936,7 @@ def run_and_kill_at(argv, phase, step):
              "        os.kill(os.getpid(), signal.SIGKILL)\n"
              "sg.log_train_line = log_then_die\n"
              "sg.main(sys.argv[1:])\n")
-    proc = subprocess.run([sys.executable, "-c", child] + argv, cwd=HERE, capture_output=True, timeout=240)
+    proc = subprocess.run([sys.executable, "-c", child] + argv, cwd=HERE, capture_output=True, timeout=RUN_TIMEOUT)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
 
