@@ -87,11 +87,12 @@ def sweeps():
         for s in GROWTH_SEEDS:
             grow_at += [(f"baseline-s{s}", baseline + ["--seed", str(s)])] if s not in TUNING_SEEDS else []
             grow_at += [(f"{name}-s{s}", flags + ["--seed", str(s)]) for name, flags in growth_arms(lr, tuned_warmdown).items()]
+        new_seeds = [s for s in CONFIRM_SEEDS if s not in GROWTH_SEEDS]
         # the confirmation's baselines do not depend on which arm wins: they can run while step 2 finishes
-        confirm = [(f"baseline-s{s}", baseline + ["--seed", str(s)]) for s in CONFIRM_SEEDS if s not in GROWTH_SEEDS]
+        confirm = [(f"baseline-s{s}", baseline + ["--seed", str(s)]) for s in new_seeds]
         best = best_growth_arm(lr, tuned_warmdown)
         if best:
-            confirm += [(f"{best}-s{s}", growth_arms(lr, tuned_warmdown)[best] + ["--seed", str(s)]) for s in CONFIRM_SEEDS if s not in GROWTH_SEEDS]
+            confirm += [(f"{best}-s{s}", growth_arms(lr, tuned_warmdown)[best] + ["--seed", str(s)]) for s in new_seeds]
     return {"fixed-flops": fixed, "recipes": recipes, "warmdown": warmdown, "miniseries": mini, "tune-lr": tune_lr,
             "tune-warmdown": tune_warmdown, "grow-at": grow_at, "confirm": confirm}
 
@@ -210,11 +211,16 @@ def running_elsewhere(sweep, name):
     return os.path.exists(path) and time.time() - os.path.getmtime(path) < RUNNING_SECONDS
 
 
+def init_from(flags):
+    """The checkpoint a run starts from (--init-from), or None."""
+    return flag_value(flags, "--init-from") if "--init-from" in flags else None
+
+
 def producer_in_flight(flags):
-    """Whether this run starts from (--init-from) a checkpoint of a run that another stream is still running."""
-    if "--init-from" not in flags:
+    """Whether this run starts from a checkpoint of a run that another stream is still running."""
+    if not init_from(flags):
         return False
-    sweep, name = os.path.relpath(os.path.dirname(flag_value(flags, "--init-from")), RUNS).split(os.sep)
+    sweep, name = os.path.relpath(os.path.dirname(init_from(flags)), RUNS).split(os.sep)
     return not finished(sweep, name) and running_elsewhere(sweep, name)
 
 
@@ -265,7 +271,7 @@ def run(names, seeds):
             time.sleep(60)
             continue
         sweep, name, flags = claimed
-        shallow = flag_value(flags, "--init-from") if "--init-from" in flags else None
+        shallow = init_from(flags)
         if shallow and not os.path.exists(shallow):  # checkpoints stay out of git: a fresh clone lacks them
             fail(f"{name} starts from {shallow}, which is missing: rerun its run first "
                  f"(rm -r {os.path.dirname(shallow)}; python experiments/sweeps.py run {sweep})")
