@@ -767,11 +767,15 @@ def grow_deep_model(shallow, shallow_optimizer, deep_phase, args, state):
     return deep, optimizer
 
 
-def train(phases, model, optimizer, first, start_step, args, state, evaluate, sample):
+def train(phases, resume, init, args, state, evaluate, sample):
     """
     The two-phase loop: train the shallow model, stack it into the deep one, train that. A baseline
-    has one phase; a resumed run starts inside phase `first` at `start_step`.
+    has one phase; a resumed run starts inside its phase and step, an --init-from run at the growth.
+    The model and optimizer are made here, so that nothing outside holds them: growing frees the shallow
+    ones (on a GPU they would otherwise keep their memory through the deep phase).
     """
+    model, optimizer, first, start_step = starting_point(phases, resume, init, args, state)
+    machinery.broadcast_weights(model, state.world)
     for phase in phases[first:]:
         if model.config.n_layer != phase.config.n_layer:
             # The shallow phase is over: grow. The deep model's first val bpb can jump (in the README's quick
@@ -825,9 +829,6 @@ def run(args):
     if not resume:
         log_plan(phases, args, meta, sum(x.numel() for x, _ in val), state)
     start = time.time()
-    model, optimizer, first, start_step = starting_point(phases, resume, init, args, state)
-    del resume, init  # their tensors now live in the model and optimizer
-    machinery.broadcast_weights(model, world)
     prompt = [int(t) for t in val_shards[0][:8]]  # the sample's prompt: the first tokens of the val split
 
     def sample(model, phase):
@@ -836,7 +837,7 @@ def run(args):
                 text = tokenizer.decode(prompt) + "|" + tokenizer.decode(model.generate(prompt, args.sample_tokens))
             state.log(f"{phase.name} sample: {text!r}", kind="sample", phase=phase.name, text=text)
 
-    train(phases, model, optimizer, first, start_step, args, state, lambda m: evaluate_bpb(m, val[rank::world], token_bytes, state.autocast), sample)
+    train(phases, resume, init, args, state, lambda m: evaluate_bpb(m, val[rank::world], token_bytes, state.autocast), sample)
     wall = time.time() - start
     memory = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
     state.log(f"done: val bpb {' | '.join(f'{k} {v:.4f}' for k, v in state.val_bpb.items())} | {state.flops_before:.3e} FLOPs | {wall / 60:.1f} min"
@@ -949,11 +950,14 @@ def main(argv=None):
 # Machinery: checkpoints, the plan's printout, devices (machinery.py has the rest; skip on a first reading)
 
 def restore(ckpt, args, state, same_data=True):
-    """Model and optimizer from a checkpoint, with the RNG and (for the same data and seed) the data position it saved."""
+    """
+    Model and optimizer from a checkpoint, with the RNG and (for the same data and seed) the data position it saved.
+    Their tensors are taken out of `ckpt`, so that no second copy of them stays in memory while the run trains.
+    """
     model = empty_model(GPTConfig.from_checkpoint(ckpt), args.device, PRECISIONS[args.dtype])
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt.pop("model"))
     optimizer = build_optimizer(model, args, ckpt["batch_size"], ckpt["weight_decay"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    optimizer.load_state_dict(ckpt.pop("optimizer"))
     if same_data:
         state.loader.load_state_dict(ckpt["loader"])
     torch.set_rng_state(ckpt["rng"])
