@@ -654,9 +654,11 @@ def test_init_from_with_carry_uses_the_saved_optimizer(tiny_run, tiny_data, tmp_
     assert runs[0] == runs[1]
 
 
-def test_growth_frees_the_shallow_model_and_its_optimizer(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("start", ["new", "compiled", "init-from"])
+def test_growth_frees_the_shallow_model_and_its_optimizer(tiny_data, tiny_run, tmp_path, monkeypatch, start):
     """Nothing may hold the shallow model once it is grown: on a GPU it and its optimizer state would
     otherwise sit in memory through the deep phase (1.1 GiB of a d6s12's 30.2 GiB peak, seen on an H200)."""
+    extra = {"new": [], "compiled": ["--compile"], "init-from": ["--init-from", os.path.join(tiny_run, "shallow.pt")]}[start]
     shallow_refs, freed = [], []
     real_grow, real_train_phase = sg.grow_deep_model, sg.train_phase
 
@@ -672,7 +674,7 @@ def test_growth_frees_the_shallow_model_and_its_optimizer(tiny_data, tmp_path, m
 
     monkeypatch.setattr(sg, "grow_deep_model", grow)
     monkeypatch.setattr(sg, "train_phase", train_phase)
-    sg.main(TINY + ["--data", tiny_data, "--out-dir", str(tmp_path / "run"), "--sample-tokens", "0"])
+    sg.main(TINY + ["--data", tiny_data, "--out-dir", str(tmp_path / "run")] + extra)
     assert freed == [[True, True]]
 
 

@@ -59,6 +59,7 @@ def main():
     sh(*common, *tiny, "--out-dir", f"{OUT}/tiny")
     sh(*common, *tiny, "--init-from", f"{OUT}/tiny/shallow.pt", "--out-dir", f"{OUT}/tiny-init")
     deep_losses = [[r["raw_loss"] for r in metrics(run) if r["kind"] == "train" and r["phase"] == "deep"] for run in ("tiny", "tiny-init")]
+    assert len(deep_losses[0]) == len(deep_losses[1]) > 0, "the --init-from run must log the same deep steps"
     gap = max(abs(a - b) for a, b in zip(*deep_losses))
     name = torch.cuda.get_device_name() if CUDA else "CPU (toy sizes: plumbing only)"
     print(f"\n{name} | torch {torch.__version__}\n")
