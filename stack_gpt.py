@@ -770,9 +770,8 @@ def grow_deep_model(shallow, shallow_optimizer, deep_phase, args, state):
 def train(phases, resume, init, args, state, evaluate, sample):
     """
     The two-phase loop: train the shallow model, stack it into the deep one, train that. A baseline
-    has one phase; a resumed run starts inside its phase and step, an --init-from run at the growth.
-    The model and optimizer are made here, so that nothing outside holds them: growing frees the shallow
-    ones (on a GPU they would otherwise keep their memory through the deep phase).
+    has one phase; a resumed run starts inside its phase and step, an --init-from run at the growth. The model
+    and optimizer are made here so that nothing else holds them: growing frees the shallow ones' memory.
     """
     model, optimizer, first, start_step = starting_point(phases, resume, init, args, state)
     machinery.broadcast_weights(model, state.world)
@@ -950,10 +949,7 @@ def main(argv=None):
 # Machinery: checkpoints, the plan's printout, devices (machinery.py has the rest; skip on a first reading)
 
 def restore(ckpt, args, state, same_data=True):
-    """
-    Model and optimizer from a checkpoint, with the RNG and (for the same data and seed) the data position it saved.
-    Their tensors are taken out of `ckpt`, so that no second copy of them stays in memory while the run trains.
-    """
+    """Model and optimizer from a checkpoint (its tensors taken out: no second copy), its RNG and, same data and seed, data position."""
     model = empty_model(GPTConfig.from_checkpoint(ckpt), args.device, PRECISIONS[args.dtype])
     model.load_state_dict(ckpt.pop("model"))
     optimizer = build_optimizer(model, args, ckpt["batch_size"], ckpt["weight_decay"])
