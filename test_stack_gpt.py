@@ -1367,13 +1367,15 @@ def test_part2_rules_pick_each_step_and_list_the_next(tmp_path, monkeypatch):
     assert "The tuned baseline: --lr-scale 8 --warmdown-ratio 0.5." in report and "Best arm by the rule (lowest mean final val bpb): at0.8-wd0.15." in report
     assert "| at0.8-wd0.15 | 80% | 0.15 | 3 |" in report and "- Paired t-test (arm minus the baseline of the same seed, 8 seeds)" in report
     assert "Verdict (stacking beats the tuned baseline only if the paired 95% interval lies below zero): stacking (at0.8-wd0.15) beats the tuned baseline." in report
+    assert "Compute saved over the 8 seeds (mean ± std): +" in report and "; ahead of the baseline in 8 of 8." in report
     saving = 1 - (3 - 0.991) / (3 - 0.9786)  # seed 3, reached: the same straight-line ratio as in step 2
     assert f"| 3 | 0.9910 | 0.9786 | -0.0124 | {100 * saving:+.1f}% | {100 * (1 / (1 - saving) - 1):+.1f}% |" in report
     fake_sweep_run("confirm", "at0.8-wd0.15-s3", 3.5, stacked=True)  # diverged: worse than the untrained baseline
     assert "| 3 | 0.9910 | 3.5000 | +2.5090 | not reached | not reached |" in "\n".join(sweeps.part2_report())
     for seed in range(3, 8):  # the same arm, but worse than the baseline in the confirmation seeds
         fake_sweep_run("confirm", f"at0.8-wd0.15-s{seed}", 0.999, stacked=True)
-    assert "stacking (at0.8-wd0.15) does not beat the tuned baseline." in "\n".join(sweeps.part2_report())
+    report = "\n".join(sweeps.part2_report())
+    assert "stacking (at0.8-wd0.15) does not beat the tuned baseline." in report and "ahead of the baseline in 3 of 8." in report
 
 # -----------------------------------------------------------------------------
 # prepare_data.py: datasets, tokenizer, shards and the train/val windows (helpers first)
