@@ -1368,6 +1368,8 @@ def test_part2_rules_pick_each_step_and_list_the_next(tmp_path, monkeypatch):
     assert "| at0.8-wd0.15 | 80% | 0.15 | 3 |" in report and "- Paired t-test (arm minus the baseline of the same seed, 8 seeds)" in report
     assert "Verdict (stacking beats the tuned baseline only if the paired 95% interval lies below zero): stacking (at0.8-wd0.15) beats the tuned baseline." in report
     assert "Compute saved over the 8 seeds (mean ± std): +" in report and "; ahead of the baseline in 8 of 8." in report
+    during = next(line for line in report.splitlines() if line.startswith("Stacked minus baseline during the run"))
+    assert "at 25% -" in during and "at 100% -" in during and during.endswith("(8 of 8 ahead).")  # straight lines: ahead all along
     saving = 1 - (3 - 0.991) / (3 - 0.9786)  # seed 3, reached: the same straight-line ratio as in step 2
     assert f"| 3 | 0.9910 | 0.9786 | -0.0124 | {100 * saving:+.1f}% | {100 * (1 / (1 - saving) - 1):+.1f}% |" in report
     fake_sweep_run("confirm", "at0.8-wd0.15-s3", 3.5, stacked=True)  # diverged: worse than the untrained baseline

@@ -583,12 +583,25 @@ def confirm_section(best):
     ahead = sum(a < b for a, b in zip(arm, base))
     lines += ["", f"Compute saved over the {len(rows)} seeds (mean ± std): "
               f"{saving_with_speedup([matched_saving(r) for r in rows.values()])}; ahead of the baseline in {ahead} of {len(rows)}."]
+    lines.append(f"Stacked minus baseline during the run (val bpb at equal FLOPs, mean of the seeds; share of the budget): "
+                 f"{during_the_run(best)}.")
     if len(rows) < len(CONFIRM_SEEDS):
         verdict = f"none yet ({len(rows)} of {len(CONFIRM_SEEDS)} seeds)"
     else:
         verdict = f"stacking ({best}) {'beats' if mean + half < 0 else 'does not beat'} the tuned baseline"
     rule = "stacking beats the tuned baseline only if the paired 95% interval lies below zero"
     return lines + [""] + confirm_tests(arm, base) + ["", f"Verdict ({rule}): {verdict}."]
+
+
+def during_the_run(arm, shares=(0.25, 0.5, 0.75, 1.0)):
+    """The confirmed arm's difference from its seeds' baselines at a few shares of the budget, as text."""
+    import numpy as np  # in requirements.txt
+    curves = seed_differences(arm, CONFIRM_SEEDS).values()
+    cells = []
+    for share in shares:
+        at_share = [np.interp(share * flops[-1], flops, difference) for flops, difference in curves]
+        cells.append(f"at {share:.0%} {np.mean(at_share):+.4f} ({sum(d < 0 for d in at_share)} of {len(at_share)} ahead)")
+    return ", ".join(cells)
 
 
 def part2_report():
@@ -694,6 +707,20 @@ def eval_curve(records):
     return [r["flops"] for r in evals], [r["val_bpb"] for r in evals]
 
 
+def seed_differences(arm, seeds):
+    """
+    {seed: (FLOPs of the arm's evaluations, its val bpb minus its own seed's tuned baseline's at those FLOPs)} for each
+    seed where both have finished. The baseline's curve is taken as linear between its evaluations, 100 steps apart.
+    """
+    import numpy as np  # in requirements.txt
+    baselines = {s: tuned_baseline(s) for s in seeds}
+    differences = {}
+    for seed, (base, run) in paired_runs(lambda s: growth_run(arm, s), baselines.get, seeds).items():
+        flops, bpb = eval_curve(run)
+        differences[seed] = (flops, np.array(bpb) - np.interp(flops, *eval_curve(base)))
+    return differences
+
+
 def plot_differences(plt, lr, warmdown):
     """
     Part 2: each stacked run's val bpb minus its own seed's tuned baseline's at the same FLOPs, a thin line
@@ -703,14 +730,12 @@ def plot_differences(plt, lr, warmdown):
     best = best_growth_arm(lr, warmdown)
     confirming = best and any(finished("confirm", f"{best}-s{s}") for s in CONFIRM_SEEDS)
     arms, seeds = ([best], CONFIRM_SEEDS) if confirming else (list(growth_arms(lr, warmdown)), GROWTH_SEEDS)
-    baselines = {s: tuned_baseline(s) for s in seeds}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for arm, color in zip(arms, plt.cm.tab10.colors):
         differences = []
-        for base, run in paired_runs(lambda s: growth_run(arm, s), baselines.get, seeds).values():
-            flops, bpb = eval_curve(run)
-            differences.append(np.array(bpb) - np.interp(flops, *eval_curve(base)))  # the baseline's curve, linear between its evaluations
-            ax.plot(flops, differences[-1], color=color, lw=0.5, alpha=0.5)
+        for flops, difference in seed_differences(arm, seeds).values():
+            differences.append(difference)
+            ax.plot(flops, difference, color=color, lw=0.5, alpha=0.5)
         if differences:  # an arm's seeds evaluate at the same FLOPs, so the mean goes point by point
             ax.plot(flops, np.mean(differences, axis=0), color=color, lw=2.5, label=f"{arm} ({seeds_label(len(differences))})")
     if not ax.lines:
