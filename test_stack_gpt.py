@@ -13,6 +13,7 @@ import http.server
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -1260,6 +1261,17 @@ def test_paired_and_welch_tests():
     assert sweeps.welch_test([1.0, 1.0], [2.0, 2.0])[2:] == (-math.inf, 2, 0.0)
 
 
+def test_rank_tests_need_no_normality():
+    # one negative difference, the smallest: of the 256 equally likely sign patterns, 4 put a rank sum of 0 or 1 on one side
+    differences = [0.0028, 0.0024, 0.0038, 0.0074, 0.0025, 0.0029, -0.0011, 0.0060]
+    assert sweeps.signed_rank_p(differences) == 4 / 256 and sweeps.signed_rank_p([-d for d in differences]) == 4 / 256
+    assert sweeps.signed_rank_p([1.0, 2.0, 3.0, 4.0, 5.0]) == 2 / 32  # all positive: the smallest p five seeds can give
+    assert sweeps.signed_rank_p([1.0, 1.0, 1.0]) == 2 / 8  # ties share rank 2: sums 0, 2, 4 or 6, and only 0 and 6 are as far out
+    assert sweeps.signed_rank_p([1.0, -1.0, 2.0, -2.0]) == 1.0 and sweeps.signed_rank_p([0.0, 3.0]) == 1.0  # balanced; a zero drops out
+    assert sweeps.sign_test_p(differences) == pytest.approx(2 * 9 / 256)  # 7 of 8: 2 * (C(8,0) + C(8,1)) / 2^8
+    assert sweeps.sign_test_p([0.0, 1.0, -1.0]) == 1.0 and sweeps.sign_test_p([1.0] * 10) == pytest.approx(2 / 1024)
+
+
 
 def fake_sweep_run(sweep, name, final_bpb, stacked=False):
     """A finished run's metrics as sweeps.py reads them: val bpb falling in a straight line from 3.0 to final_bpb."""
@@ -1369,7 +1381,11 @@ def test_part2_rules_pick_each_step_and_list_the_next(tmp_path, monkeypatch):
     assert "Verdict (stacking beats the tuned baseline only if the paired 95% interval lies below zero): stacking (at0.8-wd0.15) beats the tuned baseline." in report
     assert "Compute saved over the 8 seeds (mean ± std): +" in report and "; ahead of the baseline in 8 of 8." in report
     during = next(line for line in report.splitlines() if line.startswith("Stacked minus baseline during the run"))
-    assert "at 25% -" in during and "at 100% -" in during and during.endswith("(8 of 8 ahead).")  # straight lines: ahead all along
+    at = {share: float(re.search(rf"at {share}% ([-+][0-9.]+) ", during).group(1)) for share in (25, 50, 75, 100)}
+    for share in (25, 50, 75):  # straight lines from the same start: the gap grows in proportion to the FLOPs spent
+        assert at[share] == pytest.approx(share / 100 * at[100], abs=1e-4)
+    assert at[100] < 0 and during.endswith("(8 of 8 ahead).")
+    assert "above 0 too large" in report and "- Without assuming normal differences: Wilcoxon's signed-rank test (exact) p = " in report
     saving = 1 - (3 - 0.991) / (3 - 0.9786)  # seed 3, reached: the same straight-line ratio as in step 2
     assert f"| 3 | 0.9910 | 0.9786 | -0.0124 | {100 * saving:+.1f}% | {100 * (1 / (1 - saving) - 1):+.1f}% |" in report
     fake_sweep_run("confirm", "at0.8-wd0.15-s3", 3.5, stacked=True)  # diverged: worse than the untrained baseline

@@ -16,6 +16,7 @@ Checkpoints (*.pt) stay out of git; metrics.jsonl and config.json are kept.
 
 import argparse
 import fcntl
+import itertools
 import math
 import os
 import statistics
@@ -549,14 +550,38 @@ def growth_table(results):
 
 def confirm_tests(arm, base):
     """Step 3's tests on the final val bpb of the arm and of the baseline, listed seed by seed."""
-    mean, half, t, p = paired_test([a - b for a, b in zip(arm, base)])
+    differences = [a - b for a, b in zip(arm, base)]
+    mean, half, t, p = paired_test(differences)
     difference, welch_half, welch_t, df, welch_p = welch_test(arm, base)
     return [f"- Paired t-test (arm minus the baseline of the same seed, {len(arm)} seeds): mean {mean:+.4f}, "
             f"95% CI [{mean - half:+.4f}, {mean + half:+.4f}], t = {t:.2f}, df = {len(arm) - 1}, p = {p:.3g}",
             f"- Welch's unpaired test: difference of means {difference:+.4f}, 95% CI [{difference - welch_half:+.4f}, "
             f"{difference + welch_half:+.4f}], t = {welch_t:.2f}, df = {df:.1f}, p = {welch_p:.3g}",
             f"- Correlation across seeds between the arm's and the baseline's final val bpb: r = {correlation(arm, base)} "
-            "(Welch's test assumes 0: below 0 its p-value is too small, above 0 too large)"]
+            "(Welch's test assumes 0: below 0 its p-value is too small, above 0 too large)",
+            f"- Without assuming normal differences: Wilcoxon's signed-rank test (exact) p = {signed_rank_p(differences):.3g}; "
+            f"the sign test ({sum(d > 0 for d in differences)} of {len(differences)} worse) p = {sign_test_p(differences):.3g}"]
+
+
+def signed_rank_p(differences):
+    """
+    Wilcoxon's signed-rank test, exact: the two-sided p of the rank sum of the positive differences, over all 2^n sign
+    patterns that "no difference" makes equally likely (n is 8 here). Ties share their mean rank; zeros drop out.
+    """
+    magnitudes = sorted(abs(d) for d in differences if d)
+    rank = {m: statistics.mean(i + 1 for i, x in enumerate(magnitudes) if x == m) for m in magnitudes}
+    ranks = [rank[abs(d)] for d in differences if d]
+    center = sum(ranks) / 2  # the rank sum's mean under "no difference"
+    observed = abs(sum(rank[d] for d in differences if d > 0) - center)
+    sums = [sum(r for r, positive in zip(ranks, signs) if positive) for signs in itertools.product((False, True), repeat=len(ranks))]
+    return sum(abs(w - center) >= observed - 1e-12 for w in sums) / len(sums)
+
+
+def sign_test_p(differences):
+    """The sign test: the two-sided binomial p of the count of positive differences among the nonzero ones."""
+    n, k = sum(d != 0 for d in differences), sum(d > 0 for d in differences)
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
 
 
 def correlation(a, b):
@@ -584,7 +609,7 @@ def confirm_section(best):
     lines += ["", f"Compute saved over the {len(rows)} seeds (mean ± std): "
               f"{saving_with_speedup([matched_saving(r) for r in rows.values()])}; ahead of the baseline in {ahead} of {len(rows)}."]
     lines.append(f"Stacked minus baseline during the run (val bpb at equal FLOPs, mean of the seeds; share of the budget): "
-                 f"{during_the_run(best)}.")
+                 f"{during_the_run(best, baselines.get)}.")
     if len(rows) < len(CONFIRM_SEEDS):
         verdict = f"none yet ({len(rows)} of {len(CONFIRM_SEEDS)} seeds)"
     else:
@@ -593,10 +618,10 @@ def confirm_section(best):
     return lines + [""] + confirm_tests(arm, base) + ["", f"Verdict ({rule}): {verdict}."]
 
 
-def during_the_run(arm, shares=(0.25, 0.5, 0.75, 1.0)):
+def during_the_run(arm, baseline_of, shares=(0.25, 0.5, 0.75, 1.0)):
     """The confirmed arm's difference from its seeds' baselines at a few shares of the budget, as text."""
     import numpy as np  # in requirements.txt
-    curves = seed_differences(arm, CONFIRM_SEEDS).values()
+    curves = seed_differences(arm, baseline_of, CONFIRM_SEEDS).values()
     cells = []
     for share in shares:
         at_share = [np.interp(share * flops[-1], flops, difference) for flops, difference in curves]
@@ -697,7 +722,11 @@ def plots(base_runs):
     saved = ["experiments/bpb_vs_flops.png", "experiments/bpb_vs_shallow_ratio.png"]
     tuned = tuned_settings()
     if tuned:
-        saved += [path for path in (plot_differences(plt, *tuned), plot_growth_point(plt, *tuned)) if path]
+        best = best_growth_arm(*tuned)
+        part2 = (plot_differences(plt, list(growth_arms(*tuned)), GROWTH_SEEDS, "experiments/part2_bpb_difference_growth.png"),
+                 best and plot_differences(plt, [best], CONFIRM_SEEDS, "experiments/part2_bpb_difference.png"),
+                 plot_growth_point(plt, *tuned))
+        saved += [path for path in part2 if path]
     print(f"plots: {', '.join(saved)}")
 
 
@@ -707,33 +736,30 @@ def eval_curve(records):
     return [r["flops"] for r in evals], [r["val_bpb"] for r in evals]
 
 
-def seed_differences(arm, seeds):
+def seed_differences(arm, baseline_of, seeds):
     """
     {seed: (FLOPs of the arm's evaluations, its val bpb minus its own seed's tuned baseline's at those FLOPs)} for each
     seed where both have finished. The baseline's curve is taken as linear between its evaluations, 100 steps apart.
     """
     import numpy as np  # in requirements.txt
-    baselines = {s: tuned_baseline(s) for s in seeds}
     differences = {}
-    for seed, (base, run) in paired_runs(lambda s: growth_run(arm, s), baselines.get, seeds).items():
+    for seed, (base, run) in paired_runs(lambda s: growth_run(arm, s), baseline_of, seeds).items():
         flops, bpb = eval_curve(run)
         differences[seed] = (flops, np.array(bpb) - np.interp(flops, *eval_curve(base)))
     return differences
 
 
-def plot_differences(plt, lr, warmdown):
+def plot_differences(plt, arms, seeds, path):
     """
     Part 2: each stacked run's val bpb minus its own seed's tuned baseline's at the same FLOPs, a thin line
-    per seed and a thick mean: the confirmed arm once confirm has a finished run, before that every grow-at arm.
+    per seed and a thick mean per arm (step 2: every growth arm over seeds 0-2; step 3: the confirmed arm).
     """
     import numpy as np  # in requirements.txt, and matplotlib needs it anyway
-    best = best_growth_arm(lr, warmdown)
-    confirming = best and any(finished("confirm", f"{best}-s{s}") for s in CONFIRM_SEEDS)
-    arms, seeds = ([best], CONFIRM_SEEDS) if confirming else (list(growth_arms(lr, warmdown)), GROWTH_SEEDS)
+    baselines = {s: tuned_baseline(s) for s in seeds}  # looked up once: each lookup applies the tuning rules anew
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for arm, color in zip(arms, plt.cm.tab10.colors):
         differences = []
-        for flops, difference in seed_differences(arm, seeds).values():
+        for flops, difference in seed_differences(arm, baselines.get, seeds).values():
             differences.append(difference)
             ax.plot(flops, difference, color=color, lw=0.5, alpha=0.5)
         if differences:  # an arm's seeds evaluate at the same FLOPs, so the mean goes point by point
@@ -745,8 +771,8 @@ def plot_differences(plt, lr, warmdown):
     ax.set(xlabel="cumulative training FLOPs", ylabel="val bpb minus the tuned baseline's (same seed)", ylim=(-0.3, 0.3),
            title="stacked minus tuned baseline at equal compute (below 0: stacking ahead)")
     ax.legend()
-    fig.savefig("experiments/part2_bpb_difference.png", dpi=120, bbox_inches="tight")
-    return "experiments/part2_bpb_difference.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
 
 
 def plot_growth_point(plt, lr, warmdown):
