@@ -568,11 +568,12 @@ def signed_rank_p(differences):
     Wilcoxon's signed-rank test, exact: the two-sided p of the rank sum of the positive differences, over all 2^n sign
     patterns that "no difference" makes equally likely (n is 8 here). Ties share their mean rank; zeros drop out.
     """
-    magnitudes = sorted(abs(d) for d in differences if d)
+    nonzero = [d for d in differences if d]
+    magnitudes = sorted(abs(d) for d in nonzero)
     rank = {m: statistics.mean(i + 1 for i, x in enumerate(magnitudes) if x == m) for m in magnitudes}
-    ranks = [rank[abs(d)] for d in differences if d]
+    ranks = [rank[abs(d)] for d in nonzero]
     center = sum(ranks) / 2  # the rank sum's mean under "no difference"
-    observed = abs(sum(rank[d] for d in differences if d > 0) - center)
+    observed = abs(sum(r for r, d in zip(ranks, nonzero) if d > 0) - center)
     sums = [sum(r for r, positive in zip(ranks, signs) if positive) for signs in itertools.product((False, True), repeat=len(ranks))]
     return sum(abs(w - center) >= observed - 1e-12 for w in sums) / len(sums)
 
@@ -604,8 +605,9 @@ def confirm_section(best):
     if len(rows) < 2:
         return lines
     arm, base = [r["val_bpb"] for r in rows.values()], [r["baseline_val_bpb"] for r in rows.values()]
-    mean, half, _, _ = paired_test([a - b for a, b in zip(arm, base)])
-    ahead = sum(a < b for a, b in zip(arm, base))
+    differences = [a - b for a, b in zip(arm, base)]
+    mean, half, _, _ = paired_test(differences)
+    ahead = sum(d < 0 for d in differences)
     lines += ["", f"Compute saved over the {len(rows)} seeds (mean ± std): "
               f"{saving_with_speedup([matched_saving(r) for r in rows.values()])}; ahead of the baseline in {ahead} of {len(rows)}."]
     lines.append(f"Stacked minus baseline during the run (val bpb at equal FLOPs, mean of the seeds; share of the budget): "
