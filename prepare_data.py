@@ -17,8 +17,8 @@ A dataset folder holds train_000000.bin, ... and val_000000.bin, ... in the llm.
 (a header of 256 int32: magic 20240520, version 1, token count; then uint16 tokens, each
 document preceded by <|endoftext|>), tokenizer.tiktoken (the ranks, in tiktoken's own
 file format), token_bytes.npy (the UTF-8 length of each token id, for bits per byte) and
-meta.json, written last with "complete": true. A section near the end reads them back for
-stack_gpt.py: the train windows in a seeded order (TokenWindows) and the fixed val windows.
+meta.json, written last with "complete": true. stack_gpt.py reads this format with its own few
+lines of code (the format is the interface), so that it runs alone.
 """
 
 import argparse
@@ -42,7 +42,6 @@ import numpy as np
 import regex  # tiktoken's own dependency; unlike `re` it knows \p{L} and \p{N}
 import tiktoken
 
-DEFAULT_DATA_DIR = "data/stdlib"
 DATASETS = ("stdlib", "pylibs", "fineweb-edu")
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = 4 * HEADER_INTS
@@ -596,7 +595,7 @@ def download_fineweb(out_dir, shards=1, base_url=FINEWEB_URL, retries=5, tiktoke
 
 
 # -----------------------------------------------------------------------------
-# Loading, for stack_gpt.py
+# Reading a dataset back (the tests check every build with these)
 
 def rebuild_command(data_dir):
     """The command that builds data_dir, guessed from the folder's name."""
@@ -641,90 +640,6 @@ def load_token_bytes(data_dir):
         raise DataError(f"{path} is missing (the GPT-2 ranks were not available): rerun "
                         f"{rebuild_command(data_dir)} --tiktoken-file PATH/TO/gpt2.tiktoken")
     return np.load(path).astype(np.int32)
-
-
-# -----------------------------------------------------------------------------
-# Training windows: fixed-length pieces of the shards, for stack_gpt.py
-# (torch is imported where it is used: building a dataset does not need it, and loading it takes seconds)
-
-class TokenWindows:
-    """
-    Every shard is cut into windows of seq_len+1 tokens (inputs and next-token targets);
-    each epoch visits all windows once in a seeded random order. The loader's whole
-    position is (epoch, cursor), so it can be saved and restored exactly.
-    Each optimizer step asks for its rows in micro-batches; `rank`/`world` pick this
-    process's slice of every micro-batch so the global batch does not depend on them.
-    """
-
-    def __init__(self, shards, seq_len, seed, device, rank=0, world=1):
-        self.shards, self.seq_len, self.seed, self.device = shards, seq_len, seed, device
-        self.rank, self.world = rank, world
-        counts = [(len(s) - 1) // seq_len for s in shards]  # -1: the last window needs one extra target token
-        self.first_window = np.cumsum([0] + counts)  # global window id where each shard starts
-        self.num_windows = int(self.first_window[-1])
-        if self.num_windows == 0:
-            raise DataError(f"the data has fewer than {seq_len + 1} tokens: use a smaller --seq-len or more data")
-        self.epoch, self.cursor = 0, 0
-        self.order = self._order(self.epoch)
-
-    def _order(self, epoch):
-        import torch
-        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)  # one seed per (seed, epoch) pair, for any epoch below 100003
-        return torch.randperm(self.num_windows, generator=g).numpy()
-
-    def window(self, i):
-        shard = int(np.searchsorted(self.first_window, i, side="right")) - 1
-        start = (i - self.first_window[shard]) * self.seq_len
-        return self.shards[shard][start:start + self.seq_len + 1]
-
-    def next_batch(self, rows):
-        """The next `rows` windows of this rank, as (inputs, targets) of shape (rows, seq_len)."""
-        ids = []
-        for _ in range(rows * self.world):
-            if self.cursor == self.num_windows:
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self.order = self._order(self.epoch)
-            ids.append(self.order[self.cursor])
-            self.cursor += 1
-        mine = ids[self.rank * rows:(self.rank + 1) * rows]
-        import torch
-        batch = torch.from_numpy(np.stack([self.window(i) for i in mine]).astype(np.int64))
-        if self.device == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        return batch[:, :-1], batch[:, 1:]
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state):
-        if state["cursor"] > self.num_windows:
-            raise DataError(f"the checkpoint's data position ({state['cursor']} windows) lies beyond this data: use the data it was trained on")
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-        self.order = self._order(self.epoch)
-
-
-def load_data(data_dir):
-    """A dataset folder's meta.json and its train and val token streams (one array per shard)."""
-    meta = load_meta(data_dir)
-    read = lambda names: [read_shard(os.path.join(data_dir, n)) for n in names]
-    return meta, read(meta["train_shards"]), read(meta["val_shards"])
-
-
-def val_batches(val_shards, eval_tokens, seq_len, batch_rows, device):
-    """
-    The same eval_tokens each time, in device-sized batches: windows spread evenly over the whole
-    val split, so that a small eval still samples every part of it, not only its first documents.
-    """
-    import torch
-    windows = TokenWindows(val_shards, seq_len, seed=0, device=device)
-    n = min(eval_tokens // seq_len, windows.num_windows)
-    spread = np.linspace(0, windows.num_windows - 1, n).round().astype(int)  # n distinct ids: their spacing is >= 1
-    rows = [windows.window(i) for i in spread]
-    batches = []
-    for i in range(0, n, batch_rows):
-        batch = torch.from_numpy(np.stack(rows[i:i + batch_rows]).astype(np.int64)).to(device)
-        batches.append((batch[:, :-1], batch[:, 1:]))
-    return batches
 
 
 # -----------------------------------------------------------------------------

@@ -1,21 +1,19 @@
 """
 stack_gpt.py: train a small GPT, make it deeper by stacking its layers, keep training.
 
-Model growth by depthwise stacking (G_stack, Du et al. 2024): train a shallow model,
-repeat its whole block of layers g times (L1..L4 -> L1..L4,L1..L4), train the deep model.
-The question is whether the shallow phase buys the deep model a head start that is worth
-more than the compute it cost. This file reads in the order the data flows:
+Model growth by depthwise stacking (G_stack, Du et al. 2024): train a shallow model, repeat its
+whole block of layers g times (L1..L4 -> L1..L4,L1..L4), train the deep model. The question is
+whether the shallow phase buys the deep model a head start worth more than the compute it cost.
+The file reads in the order the data flows, the lesson first and the plumbing last:
 
-    constants -> model -> optimizer -> schedules -> stacking -> planning -> evaluation
-              -> the two-phase loop (train shallow, stack, train deep) -> flags -> machinery
+    constants -> model -> optimizer -> schedules -> stacking -> planning -> evaluation -> data
+      -> the two-phase loop (train shallow, stack, train deep) -> reports -> flags -> plumbing
 
-The model and optimizer follow nanochat's base model (Feb 2026): rotary, QK-norm, ReLU^2,
-value embeddings, per-layer lambdas, Muon + AdamW. What is not the lesson lives elsewhere:
-the token shards and their loader in prepare_data.py; checkpoints, run folders, flag checks and
-multi-process helpers in machinery.py; the printed plan and the acceleration report in reports.py.
-Examples:
+The model and optimizer follow nanochat's base model (Feb 2026): rotary, QK-norm, ReLU^2, value
+embeddings, per-layer lambdas, Muon + AdamW. The file runs alone (torch and numpy) on a data
+folder written by prepare_data.py. Examples:
 
-    python stack_gpt.py --depth 6 --stack-to 12   # d6s12 -> d12 on a GPU ("d6s12" in the write-up)
+    python stack_gpt.py --depth 6 --stack-to 12   # a d6 grown into a d12 ("d6s12" in the write-up)
     python stack_gpt.py --depth 12                # the plain d12 baseline on the same FLOPs
 """
 
@@ -23,35 +21,41 @@ import argparse
 import json
 import math
 import os
+import statistics
+import subprocess
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import machinery
-import prepare_data
-import reports
-from machinery import TrainingDiverged, UsageError
-from prepare_data import DataError, TokenWindows, finite_float, load_data, val_batches
-
 # -----------------------------------------------------------------------------
 # Constants: nanochat's, each named once
 
-REFERENCE_DEPTH, REFERENCE_BATCH, REFERENCE_WIDTH = 12, 2**19, 768  # nanochat's d12, its tokens per step, and the width its LRs were tuned at
+REFERENCE_DEPTH, REFERENCE_BATCH, REFERENCE_WIDTH = 12, 2**19, 768  # d12, its tokens per step, its width
 BATCH_EXPONENT = 0.383  # batch size grows as (training tokens)^0.383 (Power Lines)
 VE_GATE_CHANNELS = 32  # the value-embedding gate reads this many channels of the block input
 SOFTCAP = 15  # logits are squashed smoothly into [-15, 15]
 ADAMW_BETAS, X0_LAMBDA_BETAS, ADAMW_EPS = (0.8, 0.95), (0.96, 0.95), 1e-10
-MUON_MOMENTUM_START, MUON_MOMENTUM_RISE, MUON_MOMENTUM_WARMUP = 0.85, 0.10, 300  # Muon's momentum: 0.85 -> 0.95 over 300 steps
+MUON_MOMENTUM_START, MUON_MOMENTUM_RISE, MUON_MOMENTUM_WARMUP = 0.85, 0.10, 300  # 0.85 -> 0.95 in 300 steps
 MUON_BETA2 = 0.95  # NorMuon's running mean of the squared update
 LOSS_EMA_DECAY = 0.9  # the logged train loss is smoothed over roughly the last 10 steps
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype
 GROW_OPERATORS = ("stack", "interleave", "identity", "random")  # --grow
+
+
+class UsageError(Exception):
+    """A mistake in the flags or files the user gave us: reported in one line, exit code 2."""
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite: reported in one line, exit code 1, the last checkpoint kept."""
 
 
 # -----------------------------------------------------------------------------
@@ -70,11 +74,6 @@ class GPTConfig:
     def head_dim(self):
         return self.n_embd // self.n_head
 
-    @classmethod
-    def from_checkpoint(cls, ckpt):
-        """The config a checkpoint saved as plain data (its ve_layers a list)."""
-        return cls(**{**ckpt["model_config"], "ve_layers": tuple(ckpt["model_config"]["ve_layers"])})
-
 
 def default_ve_layers(n_layer):
     """nanochat's rule: every other layer, counted back from the last one (which always has one)."""
@@ -87,7 +86,7 @@ def model_width(final_depth, args):
 
 
 def model_config(depth, final_depth, args, vocab_size):
-    """A depth-layer model at the width and head count of a final_depth model (so a d6s12 is as wide as a d12)."""
+    """A depth-layer model as wide as a final_depth one (so a d6s12 has a d12's width and heads)."""
     width = model_width(final_depth, args)
     return GPTConfig(n_layer=depth, n_head=width // args.head_dim, n_embd=width, vocab_size=vocab_size,
                      sequence_len=args.seq_len, ve_layers=default_ve_layers(depth))
@@ -106,7 +105,7 @@ def rotary_tables(seq_len, head_dim, base=10000):
 
 
 def apply_rotary(x, cos, sin):
-    # Rotate each pair (x1[j], x2[j]) by the angle position * frequency j; pairs are halves, not neighbours.
+    # Rotate each pair (x1[j], x2[j]) by position * frequency j; the pairs are halves, not neighbours.
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
@@ -116,10 +115,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
         n = config.n_embd
-        self.c_q = nn.Linear(n, n, bias=False)
-        self.c_k = nn.Linear(n, n, bias=False)
-        self.c_v = nn.Linear(n, n, bias=False)
-        self.c_proj = nn.Linear(n, n, bias=False)
+        self.c_q, self.c_k, self.c_v, self.c_proj = (nn.Linear(n, n, bias=False) for _ in range(4))
         # Value embeddings (ResFormer): a per-layer table of token vectors mixed into v by a gate
         # that reads the first VE_GATE_CHANNELS channels of the block input.
         self.value_embed = nn.Embedding(padded_vocab(config.vocab_size), n) if has_value_embed else None
@@ -131,10 +127,11 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_head, self.head_dim)
         if self.value_embed is not None:
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, n_head), 1.0 at init
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, n_head), 1 at init
             v = v + gate.unsqueeze(-1) * self.value_embed(idx).view(B, T, self.n_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_head, T, head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scaled by 1/sqrt(head_dim)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -196,13 +193,14 @@ class GPT(nn.Module):
         nn.init.normal_(self.lm_head.weight, std=0.001)
         s = (3 / self.config.n_embd) ** 0.5  # uniform(-s, s) has std 1/sqrt(n_embd) and no outliers
         for block in self.blocks:
-            for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight, block.mlp.c_fc.weight):
+            attn, mlp = block.attn, block.mlp
+            for w in (attn.c_q.weight, attn.c_k.weight, attn.c_v.weight, mlp.c_fc.weight):
                 nn.init.uniform_(w, -s, s)
-            nn.init.zeros_(block.attn.c_proj.weight)
-            nn.init.zeros_(block.mlp.c_proj.weight)
-            if block.attn.value_embed is not None:
-                nn.init.uniform_(block.attn.value_embed.weight, -s, s)
-                nn.init.zeros_(block.attn.ve_gate.weight)
+            nn.init.zeros_(attn.c_proj.weight)
+            nn.init.zeros_(mlp.c_proj.weight)
+            if attn.value_embed is not None:
+                nn.init.uniform_(attn.value_embed.weight, -s, s)
+                nn.init.zeros_(attn.ve_gate.weight)
         self.resid_lambdas.fill_(1.0)
         self.x0_lambdas.fill_(0.1)
 
@@ -229,7 +227,7 @@ class GPT(nn.Module):
         embeddings = sum(e.weight.numel() for e in self.embeddings())
         scalars = self.resid_lambdas.numel() + self.x0_lambdas.numel()
         total = sum(p.numel() for p in self.parameters())
-        return {"total": total, "embeddings": embeddings, "scalars": scalars, "scaling": total - embeddings - scalars}
+        return dict(total=total, embeddings=embeddings, scalars=scalars, scaling=total - embeddings - scalars)
 
     def flops_per_token(self):
         """
@@ -243,18 +241,6 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.param_counts()["scaling"] + 12 * c.n_head * c.head_dim * c.sequence_len * c.n_layer
 
-    @torch.no_grad()
-    def generate(self, tokens, max_tokens, temperature=0.8, seed=0):
-        """Sample tokens one at a time (no KV cache: short samples, clarity over speed)."""
-        device = self.wte.weight.device
-        g = torch.Generator(device=device).manual_seed(seed)
-        ids = torch.tensor([tokens], device=device)
-        for _ in range(max_tokens):
-            logits = self(ids[:, -self.config.sequence_len:])[0, -1]
-            probs = F.softmax(logits / temperature, dim=-1)
-            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)[None]], dim=1)
-        return ids[0, len(tokens):].tolist()
-
 
 def empty_model(config, device, table_dtype=torch.float32):
     """
@@ -265,11 +251,6 @@ def empty_model(config, device, table_dtype=torch.float32):
     for table in model.embeddings():
         table.to(table_dtype)  # only looked up, never multiplied: bf16 halves their memory
     return model
-
-
-def autocast_for(device, dtype):
-    """--dtype bf16: the matmuls of every forward (and so backward) run in bf16; fp32: nothing changes."""
-    return torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
 
 # -----------------------------------------------------------------------------
@@ -287,7 +268,7 @@ POLAR_EXPRESS_COEFFS = [
 
 
 def polar_express(G, dtype):
-    """Orthogonalize a stack of matrices (n, rows, cols), computing in `dtype` (bf16 on GPUs, as nanochat does)."""
+    """Orthogonalize a stack of matrices (n, rows, cols), computing in `dtype` (bf16 on GPUs, as nanochat)."""
     X = G.to(dtype)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # all singular values now <= 1
     tall = X.size(-2) > X.size(-1)
@@ -330,25 +311,22 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            if group["kind"] == "adamw":
-                self._adamw(group)
-            else:
-                self._muon(group)
+            (self._adamw if group["kind"] == "adamw" else self._muon)(group)
 
     def _adamw(self, group):
         beta1, beta2 = group["betas"]
         for p in group["params"]:
-            state = self.state[p]
-            if not state:
-                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-            state["step"] += 1
-            state["exp_avg"].lerp_(p.grad, 1 - beta1)
-            state["exp_avg_sq"].lerp_(p.grad.square(), 1 - beta2)
-            bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
-            denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
+            moments = self.state[p]
+            if not moments:
+                moments.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            moments["step"] += 1
+            moments["exp_avg"].lerp_(p.grad, 1 - beta1)
+            moments["exp_avg_sq"].lerp_(p.grad.square(), 1 - beta2)
+            bias1, bias2 = 1 - beta1 ** moments["step"], 1 - beta2 ** moments["step"]
+            denom = (moments["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
             if group["weight_decay"]:
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)
+            p.addcdiv_(moments["exp_avg"], denom, value=-group["lr"] / bias1)
 
     def _muon(self, group):
         params = group["params"]
@@ -366,9 +344,9 @@ class MuonAdamW(torch.optim.Optimizer):
         variance = torch.stack([self.state[p]["variance"] for p in params])
         update = normalize_variance(update, variance, group["beta2"])
         torch._foreach_copy_([self.state[p]["variance"] for p in params], list(variance.unbind(0)))
-        lr = group["lr"] * max(1.0, rows / cols) ** 0.5  # tall matrices get a larger step (same RMS per output)
+        lr = group["lr"] * max(1.0, rows / cols) ** 0.5  # tall matrices: a larger step (same RMS per output)
         weights = torch.stack(params)
-        decay = (update * weights >= 0) * weights  # cautious weight decay: only where the update agrees in sign with p
+        decay = (update * weights >= 0) * weights  # cautious weight decay: only where update and p agree
         weights.sub_(lr * update + lr * group["weight_decay"] * decay)
         torch._foreach_copy_(params, list(weights.unbind(0)))
 
@@ -382,7 +360,7 @@ def build_optimizer(model, args, batch_size, weight_decay):
     scale = args.lr_scale * (batch_size / REFERENCE_BATCH) ** 0.5
     width_scale = (model.config.n_embd / REFERENCE_WIDTH) ** -0.5
     tables = [e.weight for e in model.embeddings()]
-    matrices = [p for b in model.blocks for p in b.parameters() if p.ndim == 2 and all(p is not t for t in tables)]
+    matrices = [p for p in model.blocks.parameters() if p.ndim == 2 and all(p is not t for t in tables)]
     adamw = dict(kind="adamw", betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=0.0)
     groups = [
         dict(adamw, params=[model.lm_head.weight], lr=args.unembedding_lr * width_scale * scale),
@@ -391,10 +369,11 @@ def build_optimizer(model, args, batch_size, weight_decay):
         dict(adamw, params=[model.x0_lambdas], lr=args.scalar_lr * scale, betas=X0_LAMBDA_BETAS),
     ]
     for shape in sorted({p.shape for p in matrices}):  # Muon works on a stack of same-shape matrices at once
-        groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=args.matrix_lr * scale,
-                           momentum=muon_momentum(MUON_MOMENTUM_WARMUP), beta2=MUON_BETA2, weight_decay=weight_decay))  # train_step sets each step's
+        same_shape = [p for p in matrices if p.shape == shape]  # momentum and decay: train_step sets them
+        groups.append(dict(kind="muon", params=same_shape, lr=args.matrix_lr * scale, beta2=MUON_BETA2,
+                           momentum=muon_momentum(MUON_MOMENTUM_WARMUP), weight_decay=weight_decay))
     grouped = [id(p) for g in groups for p in g["params"]]
-    assert sorted(grouped) == sorted(id(p) for p in model.parameters()), "every parameter must be in exactly one group"
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters()), "each parameter in exactly one group"
     optimizer = MuonAdamW(groups, PRECISIONS[args.dtype])
     for g in optimizer.param_groups:
         g["initial_lr"] = g["lr"]
@@ -424,16 +403,16 @@ def muon_momentum(step):
 
 
 def weight_decay_at(done, total, weight_decay):
-    """Muon's weight decay falls linearly to zero: `done` of `total` (steps, or FLOPs for the global schedule)."""
+    """Muon's weight decay falls linearly to zero: `done` of `total` (steps, or FLOPs: --schedule global)."""
     return weight_decay * (1 - done / total)
 
 
-def flops_at(phase, step, state):
+def flops_at(phase, step, run):
     """FLOPs the run has spent by the end of `step` of `phase`, the phases before it included."""
-    return state.flops_before + phase.step_flops * step
+    return run.flops_before + phase.step_flops * step
 
 
-def schedule_at(phase, step, args, state):
+def schedule_at(phase, step, args, run):
     """
     (LR multiplier, Muon momentum, weight decay) for a step. With --schedule phases each phase
     runs its own schedules over its own steps (the write-up and the paper restart at growth).
@@ -443,10 +422,12 @@ def schedule_at(phase, step, args, state):
     if args.schedule == "phases":
         return (lr_multiplier(step, phase.steps, args.warmup_ratio, phase.warmdown_ratio, args.final_lr_frac),
                 muon_momentum(step), weight_decay_at(step, phase.steps, phase.weight_decay))
-    done = flops_at(phase, step, state)
-    # the whole run's position and length, in steps of this phase (fractional), so that warmup's "+1" is one step
-    return (lr_multiplier(done / phase.step_flops, state.total_flops / phase.step_flops, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac),
-            muon_momentum(state.steps_before + step), weight_decay_at(done, state.total_flops, phase.weight_decay))
+    done = flops_at(phase, step, run)
+    # the whole run's position and length in steps of this phase (fractional): warmup's "+1" is one step
+    position, length = done / phase.step_flops, run.total_flops / phase.step_flops
+    return (lr_multiplier(position, length, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac),
+            muon_momentum(run.steps_before + step),
+            weight_decay_at(done, run.total_flops, phase.weight_decay))
 
 
 # -----------------------------------------------------------------------------
@@ -492,7 +473,8 @@ def grow_tensors(named, layer_map):
             for name, v in named.items() if not name.startswith("blocks.")}
     for j, source in enumerate(layer_map):
         prefix = f"blocks.{source}."
-        deep.update({f"blocks.{j}.{name[len(prefix):]}": take(v) for name, v in named.items() if name.startswith(prefix)})
+        deep.update({f"blocks.{j}.{name[len(prefix):]}": take(v)
+                     for name, v in named.items() if name.startswith(prefix)})
     return deep
 
 
@@ -515,7 +497,8 @@ def stack_model(shallow, growth_factor, operator="stack"):
     """
     n_layer = shallow.config.n_layer
     layer_map = growth_layer_map(n_layer, growth_factor, operator)
-    deep = empty_model(stacked_config(shallow.config, layer_map), shallow.wte.weight.device.type, shallow.wte.weight.dtype)
+    table = shallow.wte.weight
+    deep = empty_model(stacked_config(shallow.config, layer_map), table.device.type, table.dtype)
     grown = grow_tensors(shallow.state_dict(), layer_map)
     copies = range(n_layer, len(layer_map))
     if operator == "identity":
@@ -535,10 +518,10 @@ def stack_model(shallow, growth_factor, operator="stack"):
 
 
 def carry_optimizer_state(shallow, shallow_optimizer, deep, deep_optimizer, growth_factor, operator):
-    """--grow-optim carry: every deep parameter starts with its source's optimizer state (momenta, variances, steps)."""
+    """--grow-optim carry: every deep parameter starts with its source's optimizer state (moments, steps)."""
     layer_map = growth_layer_map(shallow.config.n_layer, growth_factor, operator)
-    state = {name: shallow_optimizer.state[p] for name, p in shallow.named_parameters() if shallow_optimizer.state[p]}
-    grown = grow_tensors(state, layer_map)
+    per_param = {name: shallow_optimizer.state[p] for name, p in shallow.named_parameters()}
+    grown = grow_tensors(per_param, layer_map)
     for name, p in deep.named_parameters():
         if name in grown:
             deep_optimizer.state[p] = grown[name]
@@ -580,8 +563,25 @@ def batch_and_weight_decay(scaling_params, ref_params, args):
       weight decay  wd = wd_ref * sqrt(B / 2^19) * D_ref / D (keeps B / (lr * wd * D) constant)
     nanochat takes D_ref at the same ratio as D, so the ratio cancels: only the size relative to d12 counts.
     """
-    batch = args.total_batch_size or 2 ** round(math.log2(REFERENCE_BATCH * (scaling_params / ref_params) ** BATCH_EXPONENT))
+    auto = 2 ** round(math.log2(REFERENCE_BATCH * (scaling_params / ref_params) ** BATCH_EXPONENT))
+    batch = args.total_batch_size or auto
     return batch, args.weight_decay * (batch / REFERENCE_BATCH) ** 0.5 * ref_params / scaling_params
+
+
+def shallow_phase(args, vocab_size, ref_params, budget):
+    """The shallow phase, its length from --shallow-steps, --grow-at or --shallow-ratio."""
+    config = model_config(args.depth, args.final_depth, args, vocab_size)
+    params, flops_per_token = measure(config)
+    batch, wd = batch_and_weight_decay(params, ref_params, args)
+    if args.shallow_steps:
+        steps = args.shallow_steps
+    elif args.grow_at is not None:
+        steps = round(args.grow_at * budget / (flops_per_token * batch))  # the nearest step to that share
+    else:
+        steps = int(args.shallow_ratio * params) // batch
+    if steps == 0:
+        raise UsageError(f"the shallow phase gets 0 steps of {batch} tokens: raise --shallow-ratio/--grow-at")
+    return Phase("shallow", config, steps, batch, flops_per_token, wd, args.shallow_warmdown_ratio)
 
 
 def plan_phases(args, vocab_size, shallow_flops=None, world=1):
@@ -595,23 +595,14 @@ def plan_phases(args, vocab_size, shallow_flops=None, world=1):
     final_config = model_config(args.final_depth, args.final_depth, args, vocab_size)  # the baseline's
     baseline_params, baseline_flops_per_token = measure(final_config)
     batch, wd = batch_and_weight_decay(baseline_params, ref_params, args)
-    budget = args.target_flops or baseline_flops_per_token * batch * (int(args.ratio * baseline_params) // batch)
+    baseline_steps = int(args.ratio * baseline_params) // batch
+    budget = args.target_flops or baseline_flops_per_token * batch * baseline_steps
     phases = []
     if args.stacked:
-        shallow_config = model_config(args.depth, args.final_depth, args, vocab_size)
-        final_config = stacked_config(shallow_config, growth_layer_map(args.depth, args.stack_to // args.depth, args.grow))
+        layer_map = growth_layer_map(args.depth, args.stack_to // args.depth, args.grow)
+        final_config = stacked_config(model_config(args.depth, args.final_depth, args, vocab_size), layer_map)
         if shallow_flops is None:
-            params, flops_per_token = measure(shallow_config)
-            shallow_batch, shallow_wd = batch_and_weight_decay(params, ref_params, args)
-            if args.shallow_steps:
-                steps = args.shallow_steps
-            elif args.grow_at is not None:
-                steps = round(args.grow_at * budget / (flops_per_token * shallow_batch))  # the nearest whole step to that share
-            else:
-                steps = int(args.shallow_ratio * params) // shallow_batch
-            if steps == 0:
-                raise UsageError(f"the shallow phase gets 0 steps of {shallow_batch} tokens: raise --shallow-ratio (or --grow-at)")
-            phases.append(Phase("shallow", shallow_config, steps, shallow_batch, flops_per_token, shallow_wd, args.shallow_warmdown_ratio))
+            phases.append(shallow_phase(args, vocab_size, ref_params, budget))
             shallow_flops = phases[0].flops
     # The deep model has the baseline's shape (with an odd shallow depth, more value-embedding tables and
     # their small gates), so it takes the baseline's batch and weight decay and fills the rest of its budget.
@@ -623,18 +614,25 @@ def plan_phases(args, vocab_size, shallow_flops=None, world=1):
         if steps == 0:
             raise UsageError(f"--deep-ratio {args.deep_ratio} gives 0 steps of {batch} tokens: raise it")
     else:
-        steps = round((budget - (shallow_flops or 0)) / (flops_per_token * batch))  # the nearest whole step to an equal budget
+        steps = round((budget - (shallow_flops or 0)) / (flops_per_token * batch))  # nearest to the budget
         if steps <= 0 and shallow_flops:
-            raise UsageError(f"the shallow phase uses the whole FLOPs budget ({budget:.3g}): lower --shallow-ratio or raise --ratio")
+            raise UsageError(f"the shallow phase uses the whole budget ({budget:.3g}): lower --shallow-ratio")
         if steps <= 0:
-            raise UsageError(f"the FLOPs budget ({budget:.3g}) is less than one step of {batch} tokens: raise --ratio or --target-flops")
-    phases.append(Phase("deep" if args.stacked else "baseline", final_config, steps, batch, flops_per_token, wd, args.warmdown_ratio))
-    machinery.check_micro_batches(phases, args, world)  # each step must split into whole micro-batches
+            raise UsageError(f"the FLOPs budget ({budget:.3g}) is less than one step: raise --ratio")
+    name = "deep" if args.stacked else "baseline"
+    phases.append(Phase(name, final_config, steps, batch, flops_per_token, wd, args.warmdown_ratio))
+    micro_step = args.device_batch_size * args.seq_len * world  # each step must be whole micro-batches
+    for phase in phases:
+        if phase.batch_size % micro_step:
+            per = f" x {world} processes" if world > 1 else ""
+            raise UsageError(f"{phase.name} phase: total batch {phase.batch_size} tokens is not a multiple "
+                             f"of --device-batch-size {args.device_batch_size} x --seq-len {args.seq_len}"
+                             f"{per} = {micro_step}: change --total-batch-size or --device-batch-size")
     return phases
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: bits per byte on fixed val tokens (the val windows come from prepare_data.val_batches)
+# Evaluation: bits per byte on fixed val tokens (the same windows every time: val_batches)
 
 @torch.no_grad()
 def evaluate_bpb(model, val_batches, token_bytes, autocast):
@@ -651,79 +649,192 @@ def evaluate_bpb(model, val_batches, token_bytes, autocast):
         nats += (loss * (counted_bytes > 0)).sum()
         nbytes += counted_bytes.sum()
     if dist.is_initialized():  # each rank evaluated its share of the batches
-        nats, nbytes = torch.as_tensor(nats, device=token_bytes.device), torch.as_tensor(nbytes, device=token_bytes.device)
-        dist.all_reduce(nats)
-        dist.all_reduce(nbytes)
+        nats, nbytes = (torch.as_tensor(t, device=token_bytes.device) for t in (nats, nbytes))
+        for total in (nats, nbytes):
+            dist.all_reduce(total)
     return float(nats) / (math.log(2) * float(nbytes))
+
+
+# -----------------------------------------------------------------------------
+# Data: the folder prepare_data.py writes (its format is the interface, not its code)
+#
+#   train_000000.bin ..., val_000000.bin ...  llm.c shards: a header of 256 int32 (magic 20240520,
+#                                             version 1, token count), then the tokens as uint16
+#   tokenizer.tiktoken                        the BPE (for prepare_data.py; training needs only ids)
+#   token_bytes.npy                           UTF-8 bytes of each token id (0 for special ones)
+#   meta.json                                 shard names, tokenizer, "complete": true when done
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+def read_shard(path):
+    """The tokens of a shard, memory-mapped so that big shards cost no RAM."""
+    magic, version, count = np.fromfile(path, np.int32, count=3)
+    whole = os.path.getsize(path) == 4 * HEADER_INTS + 2 * count  # a header's worth of int32, then uint16s
+    if (magic, version) != (SHARD_MAGIC, SHARD_VERSION) or not whole:
+        raise UsageError(f"{path} is not a whole token shard: rebuild the dataset with prepare_data.py")
+    return np.memmap(path, np.uint16, mode="r", offset=4 * HEADER_INTS, shape=(int(count),))
+
+
+def load_data(data_dir):
+    """A dataset folder's meta.json, its train and val shards, and each token id's length in bytes."""
+    try:
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            meta = json.load(f)
+        assert meta["complete"] is True
+        train, val = ([read_shard(os.path.join(data_dir, n)) for n in meta[f"{split}_shards"]]
+                      for split in ("train", "val"))
+        token_bytes = np.load(os.path.join(data_dir, "token_bytes.npy")).astype(np.int32)
+    except (OSError, ValueError, KeyError, AssertionError):
+        raise UsageError(f"no complete dataset in {data_dir}: build one with prepare_data.py") from None
+    return meta, train, val, token_bytes
+
+
+class TokenWindows:
+    """
+    Every shard is cut into windows of seq_len+1 tokens (inputs and next-token targets); each epoch
+    visits all windows once in a seeded random order. The loader's whole position is (epoch, cursor),
+    so it can be saved and restored exactly. Each optimizer step asks for its rows in micro-batches;
+    `rank`/`world` pick this process's slice of every micro-batch: the global batch does not depend on them.
+    """
+
+    def __init__(self, shards, seq_len, seed, device, rank=0, world=1):
+        self.shards, self.seq_len, self.seed, self.device = shards, seq_len, seed, device
+        self.rank, self.world = rank, world
+        counts = [(len(s) - 1) // seq_len for s in shards]  # -1: the last window needs one more target token
+        self.first_window = np.cumsum([0] + counts)  # global window id where each shard starts
+        self.num_windows = int(self.first_window[-1])
+        if self.num_windows == 0:
+            raise UsageError(f"the data has fewer than {seq_len + 1} tokens: lower --seq-len or more data")
+        self.epoch, self.cursor = 0, 0
+        self.order = self._order(self.epoch)
+
+    def _order(self, epoch):
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)  # one seed per (seed, epoch < 100003)
+        return torch.randperm(self.num_windows, generator=g).numpy()
+
+    def window(self, i):
+        shard = int(np.searchsorted(self.first_window, i, side="right")) - 1
+        start = (i - self.first_window[shard]) * self.seq_len
+        return self.shards[shard][start:start + self.seq_len + 1]
+
+    def next_batch(self, rows):
+        """The next `rows` windows of this rank, as (inputs, targets) of shape (rows, seq_len)."""
+        ids = []
+        for _ in range(rows * self.world):
+            if self.cursor == self.num_windows:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self.order = self._order(self.epoch)
+            ids.append(self.order[self.cursor])
+            self.cursor += 1
+        mine = ids[self.rank * rows:(self.rank + 1) * rows]
+        batch = torch.from_numpy(np.stack([self.window(i) for i in mine]).astype(np.int64))
+        if self.device == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        return batch[:, :-1], batch[:, 1:]
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, position):
+        self.epoch, self.cursor = position["epoch"], position["cursor"]
+        self.order = self._order(self.epoch)
+
+
+def val_batches(val_shards, eval_tokens, seq_len, batch_rows, device):
+    """
+    The same eval_tokens each time, in device-sized batches: windows spread evenly over the whole
+    val split, so that a small eval still samples every part of it, not only its first documents.
+    """
+    windows = TokenWindows(val_shards, seq_len, seed=0, device=device)
+    n = min(eval_tokens // seq_len, windows.num_windows)
+    spread = np.linspace(0, windows.num_windows - 1, n).round().astype(int)  # n distinct ids: spacing >= 1
+    rows = torch.from_numpy(np.stack([windows.window(i) for i in spread]).astype(np.int64)).to(device)
+    return [(batch[:, :-1], batch[:, 1:]) for batch in rows.split(batch_rows)]
 
 
 # -----------------------------------------------------------------------------
 # The training loop: train shallow, stack, train deep
 
 @dataclass
-class RunState:
+class Run:
     """What the loop carries from step to step and across the growth (the flags are in args)."""
     loader: TokenWindows  # the train windows, and where the run is in them
-    log: machinery.RunLog  # prints a line and appends its record to metrics.jsonl
+    metrics_path: str  # where log() appends its records (rank 0 only)
+    metrics_lines: int  # how many it has appended: a checkpoint remembers it, for --resume
     total_flops: int  # the whole run's budget: the length of the global LR schedule
-    flops_before: int = 0  # FLOPs spent before the current phase (the shallow phase, or the --init-from model)
+    flops_before: int = 0  # FLOPs spent before the current phase (the shallow phase, or --init-from's)
     steps_before: int = 0  # optimizer steps taken before the current phase
     smooth_loss: torch.Tensor = None  # EMA of the train loss, kept on the device: read on log lines only
-    val_bpb: dict = field(default_factory=dict)  # each finished phase's final val bpb
     rank: int = 0
     world: int = 1  # processes under torchrun: each takes its share of every batch
     peak_flops: float = None  # the GPU's peak, for MFU (None on CPUs and unknown GPUs)
-    autocast: object = nullcontext()  # what every forward runs under (autocast_for: bf16 or nothing)
+    autocast: object = nullcontext()  # what every forward runs under (bf16 autocast, or nothing)
+    val_bpb: dict = field(default_factory=dict)  # each finished phase's final val bpb
+
+    def log(self, line, **record):
+        """Print a line and append its record to metrics.jsonl (rank 0 only)."""
+        if self.rank != 0:
+            return
+        print(line, flush=True)
+        if record:
+            try:
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise UsageError(f"cannot append to {self.metrics_path} ({e.strerror}): fix it, --resume")
+            self.metrics_lines += 1
 
 
-def train_step(step_model, model, optimizer, phase, step, args, state):
+def train_step(step_model, model, optimizer, phase, step, args, run):
     """
     One optimizer step: gradients averaged over micro-batches and ranks, then the update at this
     step's schedule. `step_model` (the compiled model, or the model itself) runs forward and backward;
     `model` holds the parameters the gradients land in. Returns the step's mean loss (a tensor: no
     host sync) and the LR multiplier.
     """
-    accum = phase.batch_size // (args.device_batch_size * args.seq_len * state.world)  # micro-batches per step and rank
+    accum = phase.batch_size // (args.device_batch_size * args.seq_len * run.world)  # micro-batches per rank
     loss_sum = torch.zeros((), device=args.device)
     for _ in range(accum):
-        x, y = state.loader.next_batch(args.device_batch_size)
-        with state.autocast:
+        x, y = run.loader.next_batch(args.device_batch_size)
+        with run.autocast:
             loss = step_model(x, y)
         (loss / accum).backward()  # gradients add up over micro-batches: divide to get the mean
         loss_sum += loss.detach()
-    machinery.average_gradients(model, state.world)
-    lrm, momentum, weight_decay = schedule_at(phase, step, args, state)
+    average_gradients(model, run.world)
+    lrm, momentum, weight_decay = schedule_at(phase, step, args, run)
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
         if group["kind"] == "muon":
             group["momentum"], group["weight_decay"] = momentum, weight_decay
     optimizer.step()
     model.zero_grad(set_to_none=True)
-    if state.world > 1:
+    if run.world > 1:
         dist.all_reduce(loss_sum)
-        loss_sum /= state.world
+        loss_sum /= run.world
     return loss_sum / accum, lrm
 
 
-def log_train_line(phase, steps_done, loss, smoothed, lrm, dt, elapsed, eta, state):
+def log_train_line(phase, steps_done, loss, smoothed, lrm, dt, elapsed, eta, run):
     """
     The log line and metrics record after `steps_done` steps, from the last step's loss and the loss
     EMA (floats; the EMA is debiased here). A loss that is not finite stops the run instead.
     """
     smoothed /= 1 - LOSS_EMA_DECAY ** steps_done  # debias: the EMA started from zero
     if not math.isfinite(loss):
-        raise TrainingDiverged(f"{phase.name} phase: loss is {loss} at step {steps_done}; the last checkpoint is left as it was")
+        raise TrainingDiverged(f"{phase.name} phase: loss is {loss} at step {steps_done}; checkpoints kept")
     tok_per_s = phase.batch_size / dt
     # model FLOPs utilization: the FLOP/s our FLOPs count says we do, over the peak of all GPUs together
-    mfu = 100 * phase.flops_per_token * tok_per_s / (state.peak_flops * state.world) if state.peak_flops else None
-    state.log(f"{phase.name} step {steps_done}/{phase.steps} | loss {smoothed:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | "
-              f"tok/s {tok_per_s:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu is not None else "") +
-              f" | elapsed {elapsed / 60:.1f}m | eta {eta / 60:.1f}m",
-              kind="train", phase=phase.name, step=steps_done, loss=smoothed, raw_loss=loss, lrm=lrm, dt=dt,
-              tok_per_s=tok_per_s, mfu=mfu, flops=flops_at(phase, steps_done, state), elapsed=elapsed)
+    mfu = 100 * phase.flops_per_token * tok_per_s / (run.peak_flops * run.world) if run.peak_flops else None
+    mfu_text = f" | mfu {mfu:.1f}%" if mfu is not None else ""
+    run.log(f"{phase.name} step {steps_done}/{phase.steps} | loss {smoothed:.4f} | lrm {lrm:.3f} | "
+            f"dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f}{mfu_text} | elapsed {elapsed / 60:.1f}m | "
+            f"eta {eta / 60:.1f}m",
+            kind="train", phase=phase.name, step=steps_done, loss=smoothed, raw_loss=loss, lrm=lrm, dt=dt,
+            tok_per_s=tok_per_s, mfu=mfu, flops=flops_at(phase, steps_done, run), elapsed=elapsed)
 
 
-def train_phase(phase, model, optimizer, args, state, evaluate, start_step=0):
+def train_phase(phase, model, optimizer, args, run, evaluate, start_step=0):
     """Train `model` from start_step to phase.steps optimizer steps, evaluating on the way and at the end."""
     step_model = torch.compile(model, dynamic=False) if args.compile else model
     phase_start = last_log_time = time.time()
@@ -733,48 +844,70 @@ def train_phase(phase, model, optimizer, args, state, evaluate, start_step=0):
             model.eval()
             bpb = evaluate(step_model)
             model.train()
-            state.log(f"{phase.name} step {step}/{phase.steps} | val bpb {bpb:.4f}", kind="eval", phase=phase.name, step=step,
-                      val_bpb=bpb, flops=flops_at(phase, step, state))
+            run.log(f"{phase.name} step {step}/{phase.steps} | val bpb {bpb:.4f}", kind="eval",
+                    phase=phase.name, step=step, val_bpb=bpb, flops=flops_at(phase, step, run))
             last_log_time, last_log_step = time.time(), step  # keep eval time out of the step timings
         if step == phase.steps:
             break
-        loss, lrm = train_step(step_model, model, optimizer, phase, step, args, state)
-        state.smooth_loss.lerp_(loss, 1 - LOSS_EMA_DECAY)  # smooth = decay * smooth + (1 - decay) * loss
+        loss, lrm = train_step(step_model, model, optimizer, phase, step, args, run)
+        run.smooth_loss.lerp_(loss, 1 - LOSS_EMA_DECAY)  # smooth = decay * smooth + (1 - decay) * loss
         if not (step + 1) % args.log_every or step + 1 == phase.steps:  # the host syncs only on logged steps
-            loss, smoothed = torch.stack([loss, state.smooth_loss]).tolist()  # waits for the GPU: time after this
+            loss, smoothed = torch.stack([loss, run.smooth_loss]).tolist()  # waits for the GPU: time after it
             now = time.time()
-            dt = (now - last_log_time) / (step + 1 - last_log_step)  # mean over the steps since the last log line
+            dt = (now - last_log_time) / (step + 1 - last_log_step)  # mean over the steps since the last log
             elapsed = now - phase_start
             eta = elapsed / (step + 1 - start_step) * (phase.steps - step - 1)
-            log_train_line(phase, step + 1, loss, smoothed, lrm, dt, elapsed, eta, state)
+            log_train_line(phase, step + 1, loss, smoothed, lrm, dt, elapsed, eta, run)
             last_log_time, last_log_step = now, step + 1
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < phase.steps:
-            machinery.save_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"), model, optimizer, args, phase, step + 1,
-                                      flops_at(phase, step + 1, state), state)
-    machinery.check_replicas_agree(model, state.world)
-    state.val_bpb[phase.name] = bpb
+            save_checkpoint("checkpoint.pt", model, optimizer, args, phase, step + 1, run)
+    check_replicas_agree(model, run.world)
+    run.val_bpb[phase.name] = bpb
 
 
-def grow_deep_model(shallow, shallow_optimizer, deep_phase, args, state):
+def grow_deep_model(shallow, shallow_optimizer, deep_phase, args, run):
     """The deep model and its optimizer, grown from the trained shallow model (--grow, --grow-optim)."""
     growth_factor = args.stack_to // args.depth
     deep = stack_model(shallow, growth_factor, args.grow)
-    machinery.broadcast_weights(deep, state.world)
     optimizer = build_optimizer(deep, args, deep_phase.batch_size, deep_phase.weight_decay)
     if args.grow_optim == "carry":
         carry_optimizer_state(shallow, shallow_optimizer, deep, optimizer, growth_factor, args.grow)
-    state.log(f"grew {args.depth} -> {args.stack_to} layers by {args.grow}, optimizer state {args.grow_optim}")
+    run.log(f"grew {args.depth} -> {args.stack_to} layers by {args.grow}, optimizer state {args.grow_optim}")
     return deep, optimizer
 
 
-def train(phases, resume, init, args, state, evaluate, sample):
+def starting_point(phases, resume, init, args, run):
     """
-    The two-phase loop: train the shallow model, stack it into the deep one, train that. A baseline
-    has one phase; a resumed run starts inside its phase and step, an --init-from run at the growth. The model
-    and optimizer are made here so that nothing else holds them: growing frees the shallow ones' memory.
+    Where the run starts: the model, its optimizer, and the phase and step to start at. An interrupted
+    run (--resume) continues inside its phase, with the loop's own state put back; a trained shallow
+    model (--init-from) starts at the growth; otherwise a new model starts at step 0.
     """
-    model, optimizer, first, start_step = starting_point(phases, resume, init, args, state)
-    machinery.broadcast_weights(model, state.world)
+    if resume:
+        model, optimizer = restore(resume, args, run)
+        run.flops_before, run.steps_before = resume["phase_flops_before"], resume["phase_steps_before"]
+        run.val_bpb = resume["val_bpb"]
+        run.smooth_loss.fill_(resume["smooth_loss"])
+        run.log(f"resuming {args.out_dir}: {resume['phase']} step {resume['step']}")
+        return model, optimizer, [p.name for p in phases].index(resume["phase"]), resume["step"]
+    if init:
+        same_data = (os.path.realpath(init["args"]["data"]) == os.path.realpath(args.data)
+                     and init["args"]["seed"] == args.seed)
+        model, optimizer = restore(init, args, run, same_data)
+        reads = "on from where it stopped" if same_data else "its data from the start (other data or seed)"
+        run.log(f"shallow model from {args.init_from}; the deep phase reads {reads}")
+        return model, optimizer, 0, 0
+    model = empty_model(phases[0].config, args.device, PRECISIONS[args.dtype])
+    model.init_weights()
+    return model, build_optimizer(model, args, phases[0].batch_size, phases[0].weight_decay), 0, 0
+
+
+def train(phases, resume, init, args, run, evaluate):
+    """
+    The two-phase loop: train the shallow model, stack it into the deep one, train that. A baseline has
+    one phase. The model and optimizer are made here (starting_point) so that nothing else holds them:
+    growing frees the shallow ones' memory.
+    """
+    model, optimizer, first, start_step = starting_point(phases, resume, init, args, run)
     for phase in phases[first:]:
         if model.config.n_layer != phase.config.n_layer:
             # The shallow phase is over: grow. The deep model's first val bpb can jump (in the README's quick
@@ -782,68 +915,55 @@ def train(phases, resume, init, args, state, evaluate, sample):
             # first pass has already written to, which these layers never saw in training. Within about a
             # hundred steps it is below where the shallow model stopped. (--grow identity starts the copies
             # as pass-throughs: no jump, but also no head start from them.)
-            model, optimizer = grow_deep_model(model, optimizer, phase, args, state)
+            model, optimizer = grow_deep_model(model, optimizer, phase, args, run)
         if start_step < phase.steps:
-            train_phase(phase, model, optimizer, args, state, evaluate, start_step)
-            sample(model, phase)
+            train_phase(phase, model, optimizer, args, run, evaluate, start_step)
             name = "shallow.pt" if phase.name == "shallow" else "final.pt"
-            machinery.save_checkpoint(os.path.join(args.out_dir, name), model, optimizer, args, phase, phase.steps,
-                                      flops_at(phase, phase.steps, state), state)
-        state.flops_before += phase.flops
-        state.steps_before += phase.steps
-        state.smooth_loss.zero_()
+            save_checkpoint(name, model, optimizer, args, phase, phase.steps, run)
+        run.flops_before += phase.flops
+        run.steps_before += phase.steps
+        run.smooth_loss.zero_()
         start_step = 0
 
 
-def run(args):
-    """Set up, then train. Everything that can fail on bad input is checked before the run folder is touched."""
+def launch(args):
+    """Set up, then train. All that can fail on bad input is checked before the run folder is touched."""
     resume = None
     if args.resume:
-        found = machinery.resume_point(args, get_parser())
-        if found is None:
+        resume, args = resume_point(args)
+        if resume is None:
             print(f"{args.out_dir} already finished: nothing to resume")
             return
-        resume, args = found
-    machinery.check_run_dir(args)
-    rank, world = machinery.setup_distributed(args.device)
+    check_run_dir(args)
+    rank, world = setup_distributed(args.device)
     torch.manual_seed(args.seed)
-    meta, train_shards, val_shards = load_data(args.data)
-    init = machinery.load_checkpoint(args.init_from) if args.init_from else None
+    meta, train_shards, val_shards, token_bytes = load_data(args.data)
+    init = load_checkpoint(args.init_from) if args.init_from else None
     if init:
-        machinery.check_init_from(init, args, model_config(args.depth, args.final_depth, args, meta["vocab_size"]))
-    baseline = reports.read_metrics(args.baseline) if args.baseline else None
+        check_init_from(init, args, model_config(args.depth, args.final_depth, args, meta["vocab_size"]))
+    baseline = read_metrics(args.baseline) if args.baseline else None
     phases = plan_phases(args, meta["vocab_size"], shallow_flops=init["flops"] if init else None, world=world)
-    loader = TokenWindows(train_shards, args.seq_len, args.seed, args.device, rank, world)
     val = val_batches(val_shards, args.eval_tokens, args.seq_len, args.device_batch_size, args.device)
-    tokenizer, token_bytes = prepare_data.load_tokenizer(args.data), torch.tensor(prepare_data.load_token_bytes(args.data), device=args.device)
-    flops_before, metrics_lines = init["flops"] if init else 0, resume["metrics_lines"] if resume else None  # the records a resumed run keeps
-    machinery.on_rank0(lambda: machinery.prepare_run_dir(args, metrics_lines), rank, world)  # before anyone logs to it
-    state = RunState(loader=loader, log=machinery.RunLog(args.out_dir, enabled=rank == 0, lines=metrics_lines or 0),
-                     total_flops=flops_before + sum(p.flops for p in phases), flops_before=flops_before, steps_before=init["step"] if init else 0,
-                     smooth_loss=torch.zeros((), device=args.device), rank=rank, world=world, peak_flops=reports.peak_flops(args.device),
-                     autocast=autocast_for(args.device, args.dtype))
-    state.log(f"config: {json.dumps(vars(args))}")
+    token_bytes = torch.tensor(token_bytes, device=args.device)
+    flops_before, metrics_lines = init["flops"] if init else 0, resume["metrics_lines"] if resume else 0
+    if rank == 0:
+        prepare_run_dir(args, metrics_lines)  # before anyone logs to it; a resumed run keeps metrics_lines
+    # --dtype bf16: the matmuls of every forward (and so backward) run in bf16; fp32: nothing changes
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+    run = Run(TokenWindows(train_shards, args.seq_len, args.seed, args.device, rank, world),
+              os.path.join(args.out_dir, "metrics.jsonl"), metrics_lines,
+              flops_before + sum(p.flops for p in phases), flops_before, init["step"] if init else 0,
+              torch.zeros((), device=args.device), rank, world, peak_flops(args.device), autocast)
     if args.device == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls outside autocast
     if not resume:
-        log_plan(phases, args, meta, sum(x.numel() for x, _ in val), state)
+        log_plan(phases, args, meta, sum(x.numel() for x, _ in val), run)
     start = time.time()
-    prompt = [int(t) for t in val_shards[0][:8]]  # the sample's prompt: the first tokens of the val split
-
-    def sample(model, phase):
-        if args.sample_tokens and rank == 0:
-            with state.autocast:
-                text = tokenizer.decode(prompt) + "|" + tokenizer.decode(model.generate(prompt, args.sample_tokens))
-            state.log(f"{phase.name} sample: {text!r}", kind="sample", phase=phase.name, text=text)
-
-    train(phases, resume, init, args, state, lambda m: evaluate_bpb(m, val[rank::world], token_bytes, state.autocast), sample)
-    wall = time.time() - start
-    memory = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
-    state.log(f"done: val bpb {' | '.join(f'{k} {v:.4f}' for k, v in state.val_bpb.items())} | {state.flops_before:.3e} FLOPs | {wall / 60:.1f} min"
-              + (f" | peak memory {memory:.1f} GiB" if memory else ""), kind="summary", val_bpb=state.val_bpb, flops=state.flops_before,
-              phase_flops={p.name: p.flops for p in phases}, wall_time=wall, peak_memory_gib=memory)
-    if baseline:
-        state.log(reports.format_report([reports.acceleration(baseline, reports.read_metrics(state.log.path), args.out_dir)]))
+    evaluate = lambda model: evaluate_bpb(model, val[rank::world], token_bytes, run.autocast)  # noqa: E731
+    train(phases, resume, init, args, run, evaluate)
+    log_summary(phases, time.time() - start, args, run)
+    if args.baseline:
+        run.log(format_report([acceleration(baseline, read_metrics(run.metrics_path), args.out_dir)]))
     if world > 1:
         dist.barrier()  # leave together, then skip the interpreter's teardown: with gloo it can abort at exit
         dist.destroy_process_group()
@@ -852,82 +972,318 @@ def run(args):
 
 
 # -----------------------------------------------------------------------------
+# Reports: the plan and its cost before training, the summary after it, and the acceleration
+# report against a baseline (--baseline, --compare; experiments/sweeps.py imports it too)
+
+# The README's quick start: what a CPU runs instead of a plan sized for a GPU (a test keeps the two equal)
+CPU_QUICK_START = ("python stack_gpt.py --depth 2 --stack-to 4 --aspect-ratio 32 --head-dim 32 --seq-len 256 "
+                   "--device-batch-size 16 --total-batch-size 4096 --ratio 2.5 --shallow-ratio 1.25 "
+                   "--eval-every 100 --eval-tokens 65536")
+MEMORIZING_EPOCHS = 10  # past this many passes over the train tokens, a model starts to memorize them
+PEAK_BF16_FLOPS = [  # (substrings of the device name, dense bf16 FLOP/s); the first match wins
+    (("h100", "pcie"), 756e12), (("h100", "nvl"), 835e12), (("h100",), 989e12), (("h200",), 989e12),
+    (("b200",), 2.25e15), (("a100",), 312e12), (("l40s",), 362e12), (("l40",), 181e12), (("l4",), 121e12),
+    (("rtx pro 6000",), 503.8e12), (("5090",), 209.5e12), (("4090",), 165.2e12), (("3090",), 71e12),
+]
+
+
+def peak_flops(device):
+    """The GPU's peak from the table, or None (CPU, unknown GPU): then no MFU is shown."""
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name().lower()
+    return next((peak for keys, peak in PEAK_BF16_FLOPS if all(k in name for k in keys)), None)
+
+
+def measure_flops_per_second(model, args, autocast, repeats=5):
+    """
+    This machine's speed on this model, in FLOPs per second: eager forwards and backwards of `model`
+    (a scratch copy) over one micro-batch (on a CPU, fewer rows where that would take long). The first
+    two calls pay for allocation and kernel selection; the median of the next `repeats` is the speed.
+    """
+    row_flops = model.flops_per_token() * args.seq_len
+    rows = args.device_batch_size
+    if args.device == "cpu":
+        rows = max(1, min(rows, int(3e10 // row_flops)))  # about 0.3 s a call on a laptop core
+    tokens = torch.zeros(rows, args.seq_len, dtype=torch.long, device=args.device)
+    seconds = []
+    for _ in range(2 + repeats):
+        start = time.perf_counter()
+        with autocast:
+            model(tokens, tokens).backward()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the summary's peak memory is the run's, not this copy's
+    return row_flops * rows / statistics.median(seconds[2:])
+
+
+def estimate_seconds(phases, args, val_tokens, flops_per_second):
+    """Training plus evaluations (forward only: a third of a training token's FLOPs) at the measured speed."""
+    seconds = 0
+    for p in phases:
+        # evaluations at step 0, every --eval-every steps, and at the end
+        evals = p.steps // args.eval_every + 1 + (p.steps % args.eval_every > 0) if args.eval_every else 1
+        seconds += (p.flops + evals * val_tokens * p.flops_per_token / 3) / flops_per_second
+    return seconds
+
+
+def describe_cost(seconds, flops_per_second, args):
+    """The expected wall time, and the CPU command to run instead when that is days."""
+    hours = seconds / 3600
+    when = (f"{hours / 24:.1f} days" if hours >= 48 else f"{hours:.1f} hours" if hours >= 2
+            else f"{hours * 60:.1f} minutes")
+    text = (f"estimated time: about {when} on this {args.device} ({flops_per_second:.3g} FLOP/s in timed "
+            "eager forwards and backwards of the first model; optimizer steps not counted)")
+    if hours >= 24 and args.device == "cpu":
+        text += f"\nthis plan is sized for a GPU. On a CPU, try the README's quick start: {CPU_QUICK_START}"
+    return text
+
+
+def describe_plan(phases, args, meta, flops_before=0):
+    """What the run will do, in FLOPs and tokens, before it starts."""
+    lines = [f"{p.name}: {p.config.n_layer} layers x {p.config.n_embd} wide, {p.config.n_head} heads | "
+             f"{p.steps} steps x {p.batch_size:,} tokens | {p.flops_per_token:.3e} FLOPs/token | "
+             f"{p.flops:.3e} FLOPs | warmdown {p.warmdown_ratio} | wd {p.weight_decay:.4f}" for p in phases]
+    tokens = [p.batch_size * p.steps for p in phases]
+    total_flops = flops_before + sum(p.flops for p in phases)
+    epochs = sum(tokens) / meta["train_tokens"]
+    total = f"total: {total_flops:.3e} FLOPs, {sum(tokens):,} tokens"
+    if epochs > 1:
+        total += f" = {epochs:.2f} epochs of the {meta['train_tokens']:,} train tokens"
+    if args.schedule == "global":
+        total += f" | one LR schedule over the whole run, warmdown {args.warmdown_ratio}"
+    lines.append(total)
+    if args.stacked and not flops_before:
+        lines.append(f"growth after {phases[0].flops / total_flops:.1%} of the FLOPs and "
+                     f"{tokens[0] / sum(tokens):.1%} of the tokens")
+    if epochs > MEMORIZING_EPOCHS:
+        lines.append(f"this plan reads the train tokens {epochs:.0f} times: past about {MEMORIZING_EPOCHS} a "
+                     "model memorizes them and val bpb means little; build a larger dataset (python "
+                     "prepare_data.py --dataset pylibs, or fineweb-edu) or lower --ratio")
+    return "\n".join(lines)
+
+
+def log_plan(phases, args, meta, val_tokens, run):
+    """Before training: the plan and its expected wall time, in words and as a record."""
+    with torch.random.fork_rng(devices=[]):  # a scratch model: its random init leaves the run's own unchanged
+        scratch = empty_model(phases[0].config, args.device, PRECISIONS[args.dtype])
+    flops_per_second = measure_flops_per_second(scratch, args, run.autocast) * run.world
+    seconds = estimate_seconds(phases, args, val_tokens, flops_per_second)
+    plan = describe_plan(phases, args, meta, run.flops_before)
+    run.log(plan + "\n" + describe_cost(seconds, flops_per_second, args), kind="plan",
+            phases=[{**asdict(p), "flops": p.flops} for p in phases], estimated_seconds=seconds)
+
+
+def log_summary(phases, wall, args, run):
+    """After training: each phase's final val bpb, the FLOPs, the time, and on a GPU the peak memory."""
+    memory = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+    bpb = " | ".join(f"{k} {v:.4f}" for k, v in run.val_bpb.items())
+    run.log(f"done: val bpb {bpb} | {run.flops_before:.3e} FLOPs | {wall / 60:.1f} min"
+            + (f" | peak memory {memory:.1f} GiB" if memory else ""), kind="summary", val_bpb=run.val_bpb,
+            flops=run.flops_before, phase_flops={p.name: p.flops for p in phases}, wall_time=wall,
+            peak_memory_gib=memory)
+
+
+def read_metrics(path):
+    """The records of a run's metrics.jsonl (path to the file or to its run folder)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    records = []
+    try:
+        with open(path) as f:
+            for line in f:
+                records.append(json.loads(line))
+    except (OSError, ValueError) as e:  # a line cut short by a killed run, say, or not a text file at all
+        raise UsageError(f"cannot read the metrics in {path} after {len(records)} records ({e}): "
+                         "remove what is broken, or give a run folder or its metrics.jsonl") from None
+    for kind, keys in {"train": {"flops", "loss"}, "eval": {"flops", "val_bpb"}}.items():  # what reports read
+        if not any(isinstance(r, dict) and r.get("kind") == kind and keys <= r.keys() for r in records):
+            raise UsageError(f"{path} has no {kind} records: give the metrics of a run that trained")
+    return records
+
+
+def flops_reaching(records, key, target):
+    """
+    Cumulative FLOPs at which `key` first reaches target (at or below it), or None if it never does.
+    Evaluations are far apart, so the crossing is read off the straight line between the last record
+    above target and the first at or below it (the first record's own FLOPs if it is already there).
+    """
+    if records[0][key] <= target:
+        return records[0]["flops"]
+    for above, below in zip(records, records[1:]):
+        if below[key] <= target:  # the first record at or below target: every one before it is above
+            share = (above[key] - target) / (above[key] - below[key])  # where the line between them meets it
+            return above["flops"] + share * (below["flops"] - above["flops"])
+    return None
+
+
+def acceleration(baseline, run, name):
+    """
+    Compare a run with a baseline as the paper and the write-up do: the fraction of the baseline's
+    total FLOPs at which the run (shallow phase included) first reaches the baseline's final smoothed
+    train loss, and its final val bpb. saving = 1 - fraction, and the paper's speedup = 1/fraction - 1
+    (compute the baseline needed over what we needed), the crossing interpolated (flops_reaching).
+    A run that never reaches the baseline's val bpb has no saving in that sense, so bpb_compute_ratio
+    compares the two where both get to: bpb_fraction where the run reaches the baseline's final val bpb,
+    else the run's FLOPs over the baseline's FLOPs to the run's final val bpb (above 1: the run cost more).
+    """
+    def of(records, kind):
+        return [r for r in records if r["kind"] == kind]
+    base_evals, evals = of(baseline, "eval"), of(run, "eval")
+    budget = base_evals[-1]["flops"]
+    at_budget = [r for r in evals if r["flops"] <= budget * (1 + 1e-9)]
+    row = dict(name=name, val_bpb=evals[-1]["val_bpb"], flops=evals[-1]["flops"],
+               baseline_val_bpb=base_evals[-1]["val_bpb"], baseline_flops=budget,
+               val_bpb_at_budget=at_budget[-1]["val_bpb"] if at_budget else None)
+    for metric, kind, key in [("loss", "train", "loss"), ("bpb", "eval", "val_bpb")]:
+        reached = flops_reaching(of(run, kind), key, of(baseline, kind)[-1][key])
+        fraction = reached / budget if reached is not None else None
+        row[f"{metric}_fraction"] = fraction
+        row[f"{metric}_saving"] = 1 - fraction if fraction else None
+        row[f"{metric}_speedup"] = 1 / fraction - 1 if fraction else None
+    if row["bpb_fraction"]:
+        row["bpb_compute_ratio"] = row["bpb_fraction"]
+    else:  # the run ends worse, so the baseline gets to the run's final val bpb at or before its own end
+        reached = flops_reaching(base_evals, "val_bpb", row["val_bpb"])
+        row["bpb_compute_ratio"] = row["flops"] / reached if reached else None  # None: a NaN, say
+    return row
+
+
+def format_report(rows):
+    """The rows of acceleration() as a markdown table."""
+    def pct(x):
+        return "not reached" if x is None else f"{100 * x:.1f}%"
+    base = rows[0]
+    lines = [f"baseline: val bpb {base['baseline_val_bpb']:.4f} at {base['baseline_flops']:.3e} FLOPs", "",
+             "| run | val bpb | FLOPs | val bpb at baseline FLOPs | reaches baseline train loss at | saving "
+             "| speedup | reaches baseline val bpb at | saving | speedup |", "|---" * 10 + "|"]
+    for r in rows:
+        at_budget = "-" if r["val_bpb_at_budget"] is None else f"{r['val_bpb_at_budget']:.4f}"
+        cells = [r["name"], f"{r['val_bpb']:.4f}", f"{r['flops']:.3e}", at_budget]
+        cells += [pct(r[f"{m}_{x}"]) for m in ("loss", "bpb") for x in ("fraction", "saving", "speedup")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line and exit code 2 like every other input error."""
+
+    def error(self, message):
+        print(f"error: {message} (see python {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def number(cast, low=0, strict=True, high=math.inf):
+    """An argparse type: a finite number above `low` (at least `low` if not strict), at most `high`."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if strict else value >= low) and value <= high):
+            kind = "a whole number" if cast is int else "a finite number"
+            bounds = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+            raise argparse.ArgumentTypeError(f"must be {kind} {bounds} (got {text!r})")
+        return value
+    return parse
+
+
+positive_int, count = number(int), number(int, strict=False)
+positive, non_negative = number(float), number(float, strict=False)
+
+
 def get_parser():
-    p = prepare_data.OneLineParser(description="Train a GPT, optionally grow it by layer stacking, and train the deep model.",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    model_flags = p.add_argument_group("model")
-    model_flags.add_argument("--depth", type=int, default=12, help="number of layers of the model trained first (the shallow model when --stack-to is set)")
-    model_flags.add_argument("--stack-to", type=int, default=None, help="final depth after stacking; a multiple of --depth (omit for a plain baseline run)")
-    model_flags.add_argument("--aspect-ratio", type=int, default=64, help="model width = final depth * aspect ratio, rounded up to a multiple of --head-dim")
-    model_flags.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
-    model_flags.add_argument("--seq-len", type=int, default=2048, help="context length in tokens")
-    horizon_flags = p.add_argument_group("horizon")
-    horizon_flags.add_argument("--ratio", type=finite_float, default=10.5, help="data:param ratio of the baseline: the final-depth model trained at this ratio sets the FLOPs budget of the whole run")
-    horizon_flags.add_argument("--target-flops", type=finite_float, default=None, help="total FLOPs budget of the run (overrides --ratio)")
-    horizon_flags.add_argument("--shallow-ratio", type=finite_float, default=3.25, help="data:param ratio of the shallow phase")
-    horizon_flags.add_argument("--grow-at", type=finite_float, default=None, help="grow after this share of the FLOPs budget, between 0 and 1 (overrides --shallow-ratio)")
-    horizon_flags.add_argument("--shallow-steps", type=int, default=None, help="explicit number of shallow-phase steps (overrides --shallow-ratio)")
-    horizon_flags.add_argument("--deep-ratio", type=finite_float, default=None, help="data:param ratio of the deep phase (default: whatever fills the FLOPs budget)")
-    horizon_flags.add_argument("--deep-steps", type=int, default=None, help="explicit number of steps of the deep (or only) phase")
-    optim_flags = p.add_argument_group("optimization")
-    optim_flags.add_argument("--total-batch-size", type=int, default=None, help=f"tokens per optimizer step (default: nanochat's rule, 2^19 at d12, scaled by model size^{BATCH_EXPONENT})")
-    optim_flags.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass; gradients are accumulated up to the total batch")
-    optim_flags.add_argument("--lr-scale", type=finite_float, default=1.0, help="multiplies every learning rate below (a one-knob LR sweep)")
-    optim_flags.add_argument("--matrix-lr", type=finite_float, default=0.02, help="Muon learning rate for the block matrices")
-    optim_flags.add_argument("--embedding-lr", type=finite_float, default=0.3, help="AdamW learning rate for token and value embeddings")
-    optim_flags.add_argument("--unembedding-lr", type=finite_float, default=0.004, help="AdamW learning rate for the lm_head")
-    optim_flags.add_argument("--scalar-lr", type=finite_float, default=0.5, help="AdamW learning rate for x0_lambdas (resid_lambdas get 1%% of it)")
-    optim_flags.add_argument("--weight-decay", type=finite_float, default=0.2, help="Muon cautious weight decay at d12 (scaled with batch and horizon)")
-    optim_flags.add_argument("--warmup-ratio", type=finite_float, default=0.0, help="fraction of each phase (of the whole run with --schedule global) spent in linear LR warmup")
-    optim_flags.add_argument("--warmdown-ratio", type=finite_float, default=None, help="fraction of the deep (or only) phase spent decaying the LR (default: 1.0 after stacking, 0.5 for a baseline or a global schedule)")
-    optim_flags.add_argument("--shallow-warmdown-ratio", type=finite_float, default=0.0, help="warmdown ratio of the shallow phase")
-    optim_flags.add_argument("--final-lr-frac", type=finite_float, default=0.0, help="LR multiplier at the end of warmdown")
-    evaluation_flags = p.add_argument_group("evaluation and logging")
-    evaluation_flags.add_argument("--eval-every", type=int, default=250, help="evaluate val bpb every N steps (and at the end of each phase); 0 = only at the end")
-    evaluation_flags.add_argument("--eval-tokens", type=int, default=40 * REFERENCE_BATCH, help="number of val tokens per evaluation (the same ones every time; nanochat's size)")
-    evaluation_flags.add_argument("--sample-tokens", type=int, default=48, help="tokens to sample at the end of each phase (0 = no sample)")
-    evaluation_flags.add_argument("--log-every", type=int, default=1, help="print and record the train loss every N steps")
-    growth_flags = p.add_argument_group("growth (see the README for what each choice tests)")
-    growth_flags.add_argument("--grow", choices=GROW_OPERATORS, default="stack", help="how the shallow layers become the deep ones")
-    growth_flags.add_argument("--grow-optim", choices=("reset", "carry"), default="reset", help="start the deep phase's optimizer fresh, or carry each parameter's state to its copies")
-    growth_flags.add_argument("--schedule", choices=("phases", "global"), default="phases", help="each phase its own LR schedule, or one schedule over the whole run's FLOPs")
-    growth_flags.add_argument("--baseline", default=None, help="metrics.jsonl (or run folder) of a baseline run: end with the acceleration report against it")
-    growth_flags.add_argument("--compare", nargs="+", metavar="METRICS", default=None, help="print the acceleration report of finished runs against the first one (a baseline) and exit")
-    run_flags = p.add_argument_group("run")
-    run_flags.add_argument("--data", default=prepare_data.DEFAULT_DATA_DIR, help="dataset folder written by prepare_data.py")
-    run_flags.add_argument("--out-dir", default=None, help="run folder for config, metrics and checkpoints (default: runs/<d6s12 or d12>)")
-    run_flags.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds another run, finished or not (its checkpoints are deleted)")
-    run_flags.add_argument("--save-every", type=int, default=0, help="also write checkpoint.pt every N steps of either phase, for --resume (0 = never)")
-    run_flags.add_argument("--resume", action="store_true", help="continue the interrupted run in --out-dir from its latest checkpoint, with the flags it was started with (--device, --compile and --dtype: this command's)")
-    run_flags.add_argument("--init-from", default=None, help="shallow checkpoint to start from: skips phase 1 (one shallow model can serve many deep runs)")
-    run_flags.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    run_flags.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on for CUDA, off for CPU)")
-    run_flags.add_argument("--dtype", choices=PRECISIONS, default=None, help="bf16: autocast matmuls, bf16 lookup tables and Polar Express (the GPU path); "
-                           "fp32: all but the rotary tables (bf16, as nanochat's) in fp32 (default: bf16 on CUDA, fp32 on CPU, where bf16 is often emulated and slow)")
-    run_flags.add_argument("--seed", type=int, default=0, help="seed for the initialization and the data order")
+    p = OneLineParser(description="Train a GPT, grow it by layer stacking, train the deep model.",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model").add_argument
+    g("--depth", type=positive_int, default=12, help="layers of the first (with --stack-to: shallow) model")
+    g("--stack-to", type=positive_int, help="final depth after stacking, a multiple of --depth")
+    g("--aspect-ratio", type=positive_int, default=64, help="width: final depth * this, to a --head-dim")
+    g("--head-dim", type=positive_int, default=128, help="attention head dimension")
+    g("--seq-len", type=positive_int, default=2048, help="context length in tokens")
+    g = p.add_argument_group("horizon").add_argument
+    g("--ratio", type=positive, default=10.5, help="data:param ratio of the baseline: the run's FLOPs budget")
+    g("--target-flops", type=positive, help="FLOPs budget of the whole run (overrides --ratio)")
+    g("--shallow-ratio", type=positive, default=3.25, help="data:param ratio of the shallow phase")
+    g("--grow-at", type=number(float, high=1), help="grow after this share of the FLOPs budget")
+    g("--shallow-steps", type=positive_int, help="steps of the shallow phase (overrides --shallow-ratio)")
+    g("--deep-ratio", type=positive, help="data:param ratio of the deep phase (default: fill the budget)")
+    g("--deep-steps", type=positive_int, help="steps of the deep (or only) phase")
+    g = p.add_argument_group("optimization").add_argument
+    g("--total-batch-size", type=positive_int, help="tokens per step (default: 2^19 at d12, nanochat's rule)")
+    g("--device-batch-size", type=positive_int, default=32, help="sequences per forward pass (accumulated)")
+    g("--lr-scale", type=positive, default=1.0, help="multiplies every learning rate (a one-knob LR sweep)")
+    g("--matrix-lr", type=non_negative, default=0.02, help="Muon learning rate of the block matrices")
+    g("--embedding-lr", type=non_negative, default=0.3, help="AdamW learning rate of the embeddings")
+    g("--unembedding-lr", type=non_negative, default=0.004, help="AdamW learning rate of the lm_head")
+    g("--scalar-lr", type=non_negative, default=0.5, help="AdamW LR of x0_lambdas (resid_lambdas: 1%% of it)")
+    g("--weight-decay", type=non_negative, default=0.2, help="Muon's weight decay at d12 (then scaled)")
+    g("--warmup-ratio", type=number(float, strict=False, high=1), default=0.0, help="share with LR warmup")
+    g("--warmdown-ratio", type=non_negative, help="share of the deep phase (or run) with LR decay "
+      "(default: 1.0 after stacking, else 0.5)")
+    g("--shallow-warmdown-ratio", type=non_negative, default=0.0, help="warmdown ratio of the shallow phase")
+    g("--final-lr-frac", type=non_negative, default=0.0, help="LR multiplier at the end of a warmdown")
+    g = p.add_argument_group("evaluation and logging").add_argument
+    g("--eval-every", type=count, default=250, help="val bpb every N steps and at each phase's end (0: end)")
+    g("--eval-tokens", type=positive_int, default=40 * REFERENCE_BATCH, help="val tokens per evaluation")
+    g("--log-every", type=positive_int, default=1, help="print and record the train loss every N steps")
+    g = p.add_argument_group("growth (the README says what each choice tests)").add_argument
+    g("--grow", choices=GROW_OPERATORS, default="stack", help="how the shallow layers become the deep ones")
+    g("--grow-optim", choices=("reset", "carry"), default="reset", help="a fresh optimizer, or copies "
+      "start with their source's optimizer state")
+    g("--schedule", choices=("phases", "global"), default="phases", help="an LR schedule per phase, "
+      "or one over the whole run's FLOPs")
+    g("--baseline", help="a baseline's run folder or metrics.jsonl: end with the acceleration report")
+    g("--compare", nargs="+", metavar="METRICS", help="report finished runs against the first (a baseline)")
+    g = p.add_argument_group("run").add_argument
+    g("--data", default="data/stdlib", help="dataset folder written by prepare_data.py")
+    g("--out-dir", help="folder for config, metrics and checkpoints (default: runs/<d6s12 or d12>)")
+    g("--overwrite", action="store_true", help="start over in a folder that holds another run")
+    g("--save-every", type=count, default=0, help="also write checkpoint.pt every N steps, for --resume")
+    g("--resume", action="store_true", help="continue the interrupted run in --out-dir, with its flags")
+    g("--init-from", help="a shallow.pt to start from: skips phase 1 (one shallow model, many deep runs)")
+    g("--device", choices=("cuda", "cpu"), help="default: cuda when available")
+    g("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on cuda)")
+    g("--dtype", choices=PRECISIONS, help="bf16: autocast, bf16 tables and Polar Express, as on a GPU; fp32: "
+      "all in fp32 but the rotary tables (default: bf16 on cuda, fp32 on cpu, where bf16 is often slow)")
+    g("--seed", type=int, default=0, help="seed for the initialization and the data order")
     return p
 
 
 def resolve_args(argv=None):
-    """Parse the flags, check them (machinery.check_flags), and fill in the defaults that depend on other flags."""
-    args = get_parser().parse_args(argv)
-    machinery.check_flags(args)
+    """Parse the flags, refuse combinations that cannot work, fill in the defaults that depend on others."""
+    p = get_parser()
+    args = p.parse_args(argv)
     args.stacked = args.stack_to is not None
     args.final_depth = args.stack_to if args.stacked else args.depth
+    if args.stacked and (args.stack_to <= args.depth or args.stack_to % args.depth):
+        p.error("--stack-to must be a larger multiple of --depth (e.g. --depth 6 --stack-to 12)")
+    if (args.grow_at is not None or args.init_from) and not args.stacked:
+        p.error("--grow-at and --init-from are about growth: give --stack-to too")
+    if args.grow_at is not None and (args.shallow_steps or args.init_from):
+        p.error("--grow-at sets the shallow phase's length: leave out --shallow-steps and --init-from")
+    if args.compare is not None and len(args.compare) < 2:
+        p.error("--compare needs a baseline run and at least one run to compare with it")
+    if args.eval_tokens < args.seq_len or args.head_dim % 2:
+        p.error("--eval-tokens must hold a sequence (at least --seq-len), and --head-dim must be even")
     if model_width(args.final_depth, args) < VE_GATE_CHANNELS:
-        raise UsageError(f"the model is narrower than the {VE_GATE_CHANNELS} channels the value-embedding gate reads: raise --aspect-ratio")
-    if args.warmdown_ratio is None:  # the write-up's best deep-phase value after stacking, else nanochat's default
+        p.error(f"the model is narrower than the {VE_GATE_CHANNELS} channels the value-embedding gate reads: "
+                "raise --aspect-ratio")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but no CUDA GPU is visible: use --device cpu")
+    if args.warmdown_ratio is None:  # the write-up's best deep phase after stacking, else nanochat's default
         args.warmdown_ratio = 1.0 if args.stacked and args.schedule == "phases" else 0.5
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.compile is None:
-        args.compile = args.device == "cuda"
-    if args.dtype is None:  # GPUs are fast in bf16; many CPUs have no native bf16 and emulate it, tens of times slower than fp32
-        args.dtype = "bf16" if args.device == "cuda" else "fp32"
-    if args.out_dir is None:
-        args.out_dir = os.path.join("runs", f"d{args.depth}s{args.stack_to}" if args.stacked else f"d{args.depth}")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.compile = args.device == "cuda" if args.compile is None else args.compile
+    # GPUs are fast in bf16; many CPUs have no native bf16 and emulate it, tens of times slower than fp32
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    name = f"d{args.depth}s{args.stack_to}" if args.stacked else f"d{args.depth}"
+    args.out_dir = args.out_dir or os.path.join("runs", name)
     return args
 
 
@@ -935,65 +1291,191 @@ def main(argv=None):
     try:
         args = resolve_args(argv)
         if args.compare:
-            if len(args.compare) < 2:
-                raise UsageError("--compare needs a baseline run and at least one run to compare with it")
-            print(reports.compare_runs(args.compare))
+            baseline = read_metrics(args.compare[0])
+            print(format_report([acceleration(baseline, read_metrics(p), p) for p in args.compare[1:]]))
         else:
-            run(args)
-    except (UsageError, DataError, TrainingDiverged) as e:  # one line, no traceback: exit 2 for bad input, 1 for a diverged run
+            launch(args)
+    except (UsageError, TrainingDiverged) as e:  # one line, no traceback: 2 for bad input, 1 if diverged
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1 if isinstance(e, TrainingDiverged) else 2)
 
 
 # -----------------------------------------------------------------------------
-# Machinery: checkpoints, the plan's printout, devices (machinery.py has the rest; skip on a first reading)
+# Plumbing: checkpoints, the run folder and its log, --resume, torchrun (skip on a first reading)
 
-def restore(ckpt, args, state, same_data=True):
-    """Model and optimizer from a checkpoint (its tensors taken out: no second copy), its RNG and, same data and seed, data position."""
-    model = empty_model(GPTConfig.from_checkpoint(ckpt), args.device, PRECISIONS[args.dtype])
+CHECKPOINT_FORMAT = "stack-gpt-1"
+RUN_FILES = ("final.pt", "checkpoint.pt", "shallow.pt", "metrics.jsonl")
+
+
+def write_atomic(path, write):
+    """Call write(file) on path.tmp, flush it to disk, then rename it over path: never a half-written file."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave a renamed empty file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # an error or Ctrl-C midway: leave nothing half-written
+            os.remove(tmp)
+
+
+def save_checkpoint(name, model, optimizer, args, phase, step, run):
+    """
+    Everything needed to continue after `step` of `phase` (--resume) or to grow from it (--init-from),
+    written by rank 0 to the run folder: the model, optimizer, data position, RNG, the loop's state
+    and how many metrics lines were written.
+    """
+    # a NaN since the last logged step must not become the checkpoint to resume; the smoothed loss is
+    # averaged over ranks, so every rank stops here together
+    if not math.isfinite(run.smooth_loss):
+        raise TrainingDiverged(f"{phase.name} phase: loss {float(run.smooth_loss)} by step {step}; the last "
+                               "checkpoint stays")
+    if run.rank != 0:
+        return
+    cuda_rng = torch.cuda.get_rng_state() if args.device == "cuda" else torch.zeros(0, dtype=torch.uint8)
+    ckpt = dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                model_config=asdict(model.config), args=vars(args), phase=phase.name, step=step,
+                flops=flops_at(phase, step, run), weight_decay=phase.weight_decay, rng=torch.get_rng_state(),
+                batch_size=phase.batch_size, phase_flops_before=run.flops_before, val_bpb=dict(run.val_bpb),
+                phase_steps_before=run.steps_before, smooth_loss=float(run.smooth_loss), cuda_rng=cuda_rng,
+                metrics_lines=run.metrics_lines, loader=run.loader.state_dict())
+    path = os.path.join(args.out_dir, name)
+    try:
+        write_atomic(path, lambda f: torch.save(ckpt, f))
+    except OSError as e:
+        raise UsageError(f"could not write {path} ({e.strerror}); the old one stays: free some disk space")
+
+
+def load_checkpoint(path):
+    """A checkpoint, loaded with weights_only=True: tensors and plain data, never code from the file."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}: give the shallow.pt of a finished phase 1")
+    try:
+        with warnings.catch_warnings():  # torch warns about odd files; the one-line refusal below says it
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # every rank, whatever its GPU
+        assert ckpt["format"] == CHECKPOINT_FORMAT
+    except Exception:
+        raise UsageError(f"{path} is no intact stack_gpt checkpoint (or it holds code): refused") from None
+    return ckpt
+
+
+def restore(ckpt, args, run, same_data=True):
+    """Model, optimizer and RNG from a checkpoint (its tensors taken out: no second copy); the data position
+    too when the data and seed are the same."""
+    config = GPTConfig(**{**ckpt["model_config"], "ve_layers": tuple(ckpt["model_config"]["ve_layers"])})
+    model = empty_model(config, args.device, PRECISIONS[args.dtype])
     model.load_state_dict(ckpt.pop("model"))
     optimizer = build_optimizer(model, args, ckpt["batch_size"], ckpt["weight_decay"])
     optimizer.load_state_dict(ckpt.pop("optimizer"))
     if same_data:
-        state.loader.load_state_dict(ckpt["loader"])
+        run.loader.load_state_dict(ckpt["loader"])
     torch.set_rng_state(ckpt["rng"])
     if args.device == "cuda" and ckpt["cuda_rng"].numel():  # empty when it was saved on a CPU
         torch.cuda.set_rng_state(ckpt["cuda_rng"])
     return model, optimizer
 
 
-def starting_point(phases, resume, init, args, state):
-    """
-    The model and optimizer to train, and the phase and step to start at: an interrupted run (--resume, which also
-    puts back the loop's state), a trained shallow model (--init-from), or a new model.
-    """
-    if resume:
-        model, optimizer = restore(resume, args, state)
-        state.flops_before, state.steps_before, state.val_bpb = resume["phase_flops_before"], resume["phase_steps_before"], resume["val_bpb"]
-        state.smooth_loss.fill_(resume["smooth_loss"])
-        state.log(f"resuming {args.out_dir}: {resume['phase']} step {resume['step']}, {resume['flops']:.3e} FLOPs spent")
-        return model, optimizer, [p.name for p in phases].index(resume["phase"]), resume["step"]
-    if init:
-        same_data = os.path.realpath(init["args"]["data"]) == os.path.realpath(args.data) and init["args"]["seed"] == args.seed
-        model, optimizer = restore(init, args, state, same_data)
-        state.log(f"shallow model from {args.init_from} ({init['flops']:.3e} FLOPs spent); the deep phase reads "
-                   + ("on from where it stopped" if same_data else "its data from the start (other data or seed)"))
-        return model, optimizer, 0, 0
-    model = empty_model(phases[0].config, args.device, PRECISIONS[args.dtype])
-    model.init_weights()
-    return model, build_optimizer(model, args, phases[0].batch_size, phases[0].weight_decay), 0, 0
+def check_init_from(ckpt, args, want):
+    """A shallow checkpoint must have the shape (`want`, a model config) these flags would have trained."""
+    if ckpt["phase"] != "shallow":
+        raise UsageError(f"{args.init_from} is a {ckpt['phase']} checkpoint: --init-from takes a shallow.pt")
+    have, want = ckpt["model_config"], asdict(want)
+    wrong = [f"{k}={have[k]} (this run: {want[k]})" for k in have if k != "ve_layers" and have[k] != want[k]]
+    if wrong:
+        raise UsageError(f"--init-from does not fit: {', '.join(wrong)}; use its own flags and data")
 
 
-def log_plan(phases, args, meta, val_tokens, state):
-    """Before training: the plan and its expected wall time, in words (reports.py) and as a record."""
-    with torch.random.fork_rng(devices=[]):  # a scratch model: its random init leaves the run's own unchanged
-        scratch = empty_model(phases[0].config, args.device, PRECISIONS[args.dtype])
-    flops_per_second = reports.measure_flops_per_second(scratch, args, state.autocast) * state.world
-    seconds = reports.estimate_seconds(phases, args, val_tokens, flops_per_second)
-    with torch.device("meta"):
-        deep_params = GPT(phases[-1].config).param_counts()["total"]
-    state.log(reports.describe_plan(phases, args, meta, deep_params, state.flops_before) + "\n" + reports.describe_cost(seconds, flops_per_second, args),
-              kind="plan", phases=[{**asdict(p), "flops": p.flops} for p in phases], estimated_seconds=seconds)
+def resume_point(args):
+    """
+    --resume: the most advanced checkpoint of the run in --out-dir (the periodic checkpoint.pt or the end
+    of phase 1), and the flags it was started with; (None, args) when the run already finished.
+    """
+    if os.path.exists(os.path.join(args.out_dir, "final.pt")):
+        return None, args
+    paths = [os.path.join(args.out_dir, n) for n in ("checkpoint.pt", "shallow.pt")]
+    found = [load_checkpoint(p) for p in paths if os.path.exists(p)]
+    if not found:
+        raise UsageError(f"nothing to resume in {args.out_dir}: start runs with --save-every N")
+    ckpt = max(found, key=lambda c: (c["phase"] != "shallow", c["step"]))  # a later phase, then a later step
+    # the machine's settings come from this command, everything else from the run's own flags; flags added
+    # since the checkpoint was written take their defaults
+    machine = {k: getattr(args, k) for k in ("device", "compile", "dtype", "out_dir")}
+    defaults = vars(get_parser().parse_args([]))
+    return ckpt, argparse.Namespace(**{**defaults, **ckpt["args"], **machine, "resume": True})
+
+
+def check_run_dir(args):
+    """Refuse to mix a new run into a folder holding another one, finished or not, without --overwrite."""
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UsageError(f"--out-dir {args.out_dir} is a file: choose a folder")
+    init_dir = os.path.dirname(os.path.abspath(args.init_from or ""))
+    if args.init_from and os.path.realpath(init_dir) == os.path.realpath(args.out_dir):
+        raise UsageError(f"--init-from {args.init_from} lies in the --out-dir this run clears: use another")
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out_dir, name))]
+    if found and not (args.resume or args.overwrite):
+        which = "a finished run" if "final.pt" in found else "an unfinished run (--resume continues it)"
+        raise UsageError(f"{args.out_dir} holds {which}: pass --overwrite or choose another --out-dir")
+
+
+def code_commit():
+    """The git commit of this code ("+dirty" with uncommitted changes): a run names the code that made it."""
+    command = ["git", "describe", "--always", "--dirty=+dirty", "--abbrev=40", "--exclude=*"]  # no tag names
+    try:
+        described = subprocess.run(command, capture_output=True, text=True, timeout=10,
+                                   cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.TimeoutExpired):  # no git here
+        return None
+    return described.stdout.strip() if described.returncode == 0 else None
+
+
+def prepare_run_dir(args, metrics_lines):
+    """Save the config; cut a resumed run's metrics back to its checkpoint, or start afresh."""
+    path = os.path.join(args.out_dir, "metrics.jsonl")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        kept = open(path).readlines()[:metrics_lines] if args.resume else []
+        for name in [] if args.resume else RUN_FILES[:3]:
+            if os.path.exists(os.path.join(args.out_dir, name)):
+                os.remove(os.path.join(args.out_dir, name))
+        config = json.dumps({**vars(args), "code_commit": code_commit()}, indent=2)
+        write_atomic(os.path.join(args.out_dir, "config.json"), lambda f: f.write(config.encode()))
+        write_atomic(path, lambda f: f.write("".join(kept).encode()))
+    except OSError as e:
+        raise UsageError(f"cannot write the run folder {args.out_dir} ({e.strerror}): choose another")
+
+
+# Several processes under torchrun: one data-parallel replica each. They start from the same seed, so
+# they build the same weights; only rank 0 prints and writes files. Should it fail, torchrun stops the rest.
+
+def setup_distributed(device):
+    """Under torchrun (which sets RANK and WORLD_SIZE) join the process group: NCCL on GPUs, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def average_gradients(model, world):
+    """Every rank ends up with the mean of all ranks' gradients (each rank saw its own rows of the batch)."""
+    if world > 1:
+        grads = [p.grad for p in model.parameters()]
+        for g in grads:
+            dist.all_reduce(g)  # a sum over ranks (with NCCL these calls queue on the GPU and return at once)
+        torch._foreach_div_(grads, world)
+
+
+def check_replicas_agree(model, world):
+    """A cheap guard at the end of each phase: every rank must hold the same weights, bit for bit."""
+    if world > 1:
+        sums = torch.stack([p.detach().float().sum() for p in model.parameters()])
+        gathered = [torch.empty_like(sums) for _ in range(world)]
+        dist.all_gather(gathered, sums)
+        assert all(torch.equal(g, gathered[0]) for g in gathered), "the ranks' weights diverged"
 
 
 if __name__ == "__main__":

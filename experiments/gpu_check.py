@@ -48,7 +48,7 @@ def main():
         sh(sys.executable, "prepare_data.py", *(["--vocab-size", "32768", "--name", "stdlib-32k"] if CUDA else []))
     sh(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_stack_gpt.py", "-k", "cuda")
     device = ["--device", "cuda" if CUDA else "cpu"]
-    common = [sys.executable, "stack_gpt.py", "--data", DATA, "--eval-every", "0", "--sample-tokens", "0", "--overwrite"] + device
+    common = [sys.executable, "stack_gpt.py", "--data", DATA, "--eval-every", "0", "--overwrite"] + device
     size = ["--eval-tokens", "524288"] if CUDA else ["--aspect-ratio", "8", "--head-dim", "32", "--seq-len", "64", "--total-batch-size", "1024",
                                                     "--device-batch-size", "8", "--eval-tokens", "1024"]
     steps = "60" if CUDA else "14"

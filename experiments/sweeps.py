@@ -25,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import reports  # noqa: E402  (the acceleration arithmetic of stack_gpt.py's --compare)
+import stack_gpt  # noqa: E402  (the acceleration arithmetic of its --compare)
 
 RUNS = "experiments/runs"
 DATA = "data/pylibs-2048"
@@ -33,7 +33,7 @@ PREPARE = "python prepare_data.py --dataset pylibs --vocab-size 2048 --name pyli
 # One CPU-scale family for every sweep: target depth 4 at width 128 (4 heads of 32), context 256,
 # 4096-token batches. The shallow d2s4 costs 0.60 of the d4's FLOPs per token, as d6s12 does of d12.
 FAMILY = ["--data", DATA, "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "256", "--device-batch-size", "16",
-          "--total-batch-size", "4096", "--eval-every", "100", "--eval-tokens", "131072", "--sample-tokens", "0", "--log-every", "10"]
+          "--total-batch-size", "4096", "--eval-every", "100", "--eval-tokens", "131072", "--log-every", "10"]
 SEEDS = (0, 1, 2)
 SHALLOW_RATIOS = (1.25, 2.25, 3.25, 4.25, 5.25)
 BEST_SHALLOW_RATIO = "5.25"  # the fixed-FLOPs sweep's best arm (the top of its range); the recipes sweep runs there
@@ -284,7 +284,7 @@ def run(names, seeds):
 # Report
 
 def records(sweep, name):
-    return reports.read_metrics(f"{RUNS}/{sweep}/{name}")
+    return stack_gpt.read_metrics(f"{RUNS}/{sweep}/{name}")
 
 
 def finished_records(sweep, name):
@@ -314,7 +314,7 @@ def pct_mean_std(values):
 
 def matched_saving(row):
     """
-    Part 2's saving of a run against its baseline at the val bpb both reach (reports.acceleration's
+    Part 2's saving of a run against its baseline at the val bpb both reach (stack_gpt.acceleration's
     bpb_compute_ratio): the saving to the baseline's final val bpb where the run gets there, and
     negative where it never does: the compute it spent beyond what the baseline needed for the run's
     own final val bpb, as a share of the latter. None for a run that diverged.
@@ -427,8 +427,8 @@ def paired_runs(run_of, baseline_of, seeds):
 
 
 def seed_rows(run_of, baseline_of, seeds):
-    """{seed: reports.acceleration row} of each run against the baseline of its own seed."""
-    return {s: reports.acceleration(base, run, f"seed {s}") for s, (base, run) in paired_runs(run_of, baseline_of, seeds).items()}
+    """{seed: stack_gpt.acceleration row} of each run against the baseline of its own seed."""
+    return {s: stack_gpt.acceleration(base, run, f"seed {s}") for s, (base, run) in paired_runs(run_of, baseline_of, seeds).items()}
 
 
 def seed_table(sweep, arms, baseline_of):
@@ -672,12 +672,12 @@ def report():
     warmdown = [(name, records("warmdown", name)) for name, _ in sweeps()["warmdown"] if finished("warmdown", name)]
     if warmdown and baseline_records(0):
         out += ["## Deep-phase warmdown sweep (one shallow model at ratio 3.25, seed 0, against baseline-s0)", "",
-                reports.format_report([reports.acceleration(baseline_records(0), run, name) for name, run in warmdown]), ""]
+                stack_gpt.format_report([stack_gpt.acceleration(baseline_records(0), run, name) for name, run in warmdown]), ""]
     pairs = [(f"d{d}", base, f"d{d // 2}s{d}") for d, base in ((2, ("miniseries", "d2")), (4, ("fixed-flops", "baseline-s0")))]
     pairs = [(depth, base, stacked) for depth, base, stacked in pairs if finished(*base) and finished("miniseries", stacked)]
     for depth, base, stacked in pairs:
         out += [f"## Miniseries at target depth {depth[1:]} (both phases at ratio 10.5, seed 0)", "",
-                reports.format_report([reports.acceleration(records(*base), records("miniseries", stacked), stacked)]), ""]
+                stack_gpt.format_report([stack_gpt.acceleration(records(*base), records("miniseries", stacked), stacked)]), ""]
     out += part2_report()
     print("\n".join(out))
     plots(base_runs)
