@@ -587,7 +587,7 @@ def shallow_phase(args, vocab_size, ref_params, budget):
 def plan_phases(args, vocab_size, shallow_flops=None, world=1):
     """
     The phases of this run. The FLOPs budget is the baseline's: the final-depth model trained at
-    --ratio (or --target-flops). A stacked run spends part of it on the shallow phase and, unless
+    --ratio. A stacked run spends part of it on the shallow phase and, unless
     told otherwise, gives the deep phase exactly what is left, so both runs cost the same.
     shallow_flops: FLOPs already spent by a shallow checkpoint (--init-from), which then is not planned.
     """
@@ -596,7 +596,7 @@ def plan_phases(args, vocab_size, shallow_flops=None, world=1):
     baseline_params, baseline_flops_per_token = measure(final_config)
     batch, wd = batch_and_weight_decay(baseline_params, ref_params, args)
     baseline_steps = int(args.ratio * baseline_params) // batch
-    budget = args.target_flops or baseline_flops_per_token * batch * baseline_steps
+    budget = baseline_flops_per_token * batch * baseline_steps
     phases = []
     if args.stacked:
         layer_map = growth_layer_map(args.depth, args.stack_to // args.depth, args.grow)
@@ -989,9 +989,7 @@ PEAK_BF16_FLOPS = [  # (substrings of the device name, dense bf16 FLOP/s); the f
 
 def peak_flops(device):
     """The GPU's peak from the table, or None (CPU, unknown GPU): then no MFU is shown."""
-    if device != "cuda":
-        return None
-    name = torch.cuda.get_device_name().lower()
+    name = torch.cuda.get_device_name().lower() if device == "cuda" else ""  # "" matches no entry
     return next((peak for keys, peak in PEAK_BF16_FLOPS if all(k in name for k in keys)), None)
 
 
@@ -1208,7 +1206,6 @@ def get_parser():
     g("--seq-len", type=positive_int, default=2048, help="context length in tokens")
     g = p.add_argument_group("horizon").add_argument
     g("--ratio", type=positive, default=10.5, help="data:param ratio of the baseline: the run's FLOPs budget")
-    g("--target-flops", type=positive, help="FLOPs budget of the whole run (overrides --ratio)")
     g("--shallow-ratio", type=positive, default=3.25, help="data:param ratio of the shallow phase")
     g("--grow-at", type=number(float, high=1), help="grow after this share of the FLOPs budget")
     g("--shallow-steps", type=positive_int, help="steps of the shallow phase (overrides --shallow-ratio)")

@@ -152,6 +152,81 @@ def test_causal_model_ignores_future_tokens():
     assert torch.allclose(model(idx)[0, :10], model(changed)[0, :10], atol=1e-6)
 
 
+
+# The forward pass piece by piece, each against a few lines of plain torch written here
+
+def captured_attention_inputs(monkeypatch):
+    """The q, k, v that every attention call hands to scaled_dot_product_attention, call by call."""
+    seen, real = [], sg.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q, k, v))
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(sg.F, "scaled_dot_product_attention", spy)
+    return seen
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    """Rotary: q.k after rotation depends on the distance between positions, not where the pair sits."""
+    torch.manual_seed(0)
+    cos, sin = sg.rotary_tables(64, 32)
+    q0, k0 = torch.randn(32), torch.randn(32)
+    q, k = q0.expand(1, 64, 1, 32), k0.expand(1, 64, 1, 32)  # the same vectors at every position
+    rq, rk = sg.apply_rotary(q, cos, sin)[0, :, 0], sg.apply_rotary(k, cos, sin)[0, :, 0]
+    scores = rq @ rk.T  # scores[i, j] = q at position i . k at position j
+    scale = q0.norm() * k0.norm()
+    for distance in (0, 1, 5, 20):
+        along = torch.diagonal(scores, offset=-distance)  # every pair (i, i - distance)
+        assert (along.max() - along.min()) / scale < 0.005, distance  # bf16 tables: 1.1e-3 measured here
+    assert (scores[10, 0] - scores[10, 9]).abs() / scale > 0.05  # and the distance does matter (0.12)
+    assert torch.allclose(rq.norm(dim=-1), q0.norm().expand(64), rtol=0.01)  # a rotation keeps lengths
+
+
+def test_attention_against_a_reference(monkeypatch):
+    """
+    One attention layer by hand: q and k rotated, then RMS-normalised per head, causal softmax of
+    q k^T / sqrt(head_dim), and a fresh value-embedding gate (2 sigmoid(0) = 1) adding its table to v.
+    """
+    torch.manual_seed(0)
+    config = tiny_config(n_layer=1, n_head=2, n_embd=64, sequence_len=8)  # layer 0 has a value embedding
+    model = sg.GPT(config)
+    model.init_weights()
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        attn.c_proj.weight.normal_()  # zero at init: the output would say nothing
+    x, idx = torch.randn(2, 8, 64), torch.randint(0, 100, (2, 8))
+    seen = captured_attention_inputs(monkeypatch)
+    out = attn(x, idx, model.cos[:, :8], model.sin[:, :8])
+    B, T, H, D = 2, 8, 2, 32
+    heads = lambda t: t.view(B, T, H, D)  # noqa: E731
+    q, k = heads(attn.c_q(x)), heads(attn.c_k(x))
+    v = heads(attn.c_v(x) + attn.value_embed(idx))  # the fresh gate: weight 1
+    q, k = (sg.apply_rotary(t, model.cos[:, :8], model.sin[:, :8]) for t in (q, k))
+    q, k = (t / t.pow(2).mean(-1, keepdim=True).add(torch.finfo(t.dtype).eps).sqrt() for t in (q, k))
+    assert torch.allclose(seen[0][0].pow(2).mean(-1), torch.ones(B, H, T), atol=1e-4)  # unit RMS per head
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(D)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    y = torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v).reshape(B, T, H * D)
+    assert torch.allclose(out, attn.c_proj(y), rtol=1e-4, atol=1e-5)
+
+
+def test_mlp_and_logits_against_a_reference():
+    """The MLP's hidden activation is relu(x)^2; the logits are 15 tanh(z / 15) of the head's output z."""
+    model = trained_looking(tiny_config())
+    x = torch.randn(2, 16, 64)
+    mlp = model.blocks[0].mlp
+    assert torch.allclose(mlp(x), mlp.c_proj(torch.relu(mlp.c_fc(x)) ** 2), rtol=1e-5, atol=1e-6)
+    heads = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: heads.append(output))
+    idx = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(200)  # logits well past the softcap, where tanh bends
+        logits = model(idx)
+    z = heads[0][..., :100]
+    assert z.abs().max() > 30
+    assert torch.allclose(logits, 15 * torch.tanh(z / 15), rtol=1e-5, atol=1e-5)
+
+
 # -----------------------------------------------------------------------------
 # Optimizer
 
@@ -253,6 +328,48 @@ def test_muon_step_direction_and_cautious_decay():
     opt = sg.MuonAdamW([dict(kind="muon", params=[q], lr=0.01, momentum=0.0, beta2=0.95, weight_decay=1.0)], torch.float32)
     opt.step()
     assert q[0, 0] < 1.0 - 0.01  # update and decay both pull it down
+
+
+
+def muon_reference_updates(grads, momentum, beta2):
+    """Muon's normalised updates for a gradient sequence, by hand: Nesterov momentum, Polar Express (pinned
+    above), then NorMuon's running mean of the squared update per row (tall, square) or column (wide)."""
+    rows, cols = grads[0].shape
+    buf, variance, out = torch.zeros(rows, cols), torch.zeros((rows, 1) if rows >= cols else (1, cols)), []
+    for g in grads:
+        buf = momentum * buf + (1 - momentum) * g
+        o = sg.polar_express((g + momentum * (buf - g))[None], torch.float32)[0]
+        variance = beta2 * variance + (1 - beta2) * o.square().mean(dim=1 if rows >= cols else 0, keepdim=True)
+        scaled = o / variance.clamp_min(1e-10).sqrt()
+        out.append((scaled * o.norm() / scaled.norm(), variance))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(12, 6), (6, 12), (8, 8)])
+def test_normuon_variance_is_the_running_mean_of_squared_updates(shape):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(*shape))
+    opt = sg.MuonAdamW([dict(kind="muon", params=[p], lr=0.01, momentum=0.9, beta2=0.95, weight_decay=0.0)], torch.float32)
+    grads = [torch.randn(*shape) for _ in range(5)]
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    _, variance = muon_reference_updates(grads, 0.9, 0.95)[-1]
+    assert torch.allclose(opt.state[p]["variance"], variance, rtol=1e-4), "NorMuon's variance: beta2 = 0.95 mean of o^2"
+
+
+@pytest.mark.parametrize("shape,lr_factor", [((12, 3), 2.0), ((3, 12), 1.0), ((6, 6), 1.0)])
+def test_muon_step_size_follows_the_matrix_shape(shape, lr_factor):
+    """A tall matrix steps sqrt(rows / cols) times the base LR (the same RMS per output); wide and square ones
+    take the base LR."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(*shape))
+    start = p.detach().clone()
+    p.grad = torch.randn(*shape)
+    opt = sg.MuonAdamW([dict(kind="muon", params=[p], lr=0.01, momentum=0.0, beta2=0.95, weight_decay=0.0)], torch.float32)
+    opt.step()
+    update, _ = muon_reference_updates([p.grad], 0.0, 0.95)[0]
+    assert torch.allclose(start - p.detach(), 0.01 * lr_factor * update, rtol=1e-4, atol=1e-7), "Muon's LR by shape"
 
 
 # -----------------------------------------------------------------------------
@@ -578,6 +695,48 @@ def test_global_schedule_is_continuous_across_growth():
     assert phases[0] == 1.0 and phases[1] == pytest.approx(0.85)  # the default restarts both
 
 
+
+def test_global_schedule_decays_weight_decay_over_the_whole_run():
+    """With --schedule global, weight decay falls with the run's FLOPs, continuous across the growth, while
+    each phase keeps its own base value (the rules give a shallow model a larger one)."""
+    args, (shallow, deep) = plan_args(["--depth", "2", "--stack-to", "4", "--shallow-steps", "30", "--deep-steps", "50",
+                                       "--total-batch-size", "4096", "--device-batch-size", "2", "--schedule", "global",
+                                       "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "256"])
+    total = shallow.flops + deep.flops
+    run = types.SimpleNamespace(flops_before=0, steps_before=0, total_flops=total)
+    for step in (0, 17, 29):
+        assert sg.schedule_at(shallow, step, args, run)[2] == pytest.approx(shallow.weight_decay * (1 - step * shallow.step_flops / total))
+    run.flops_before, run.steps_before = shallow.flops, shallow.steps
+    for step in (0, 25, 50):
+        done = shallow.flops + step * deep.step_flops
+        assert sg.schedule_at(deep, step, args, run)[2] == pytest.approx(deep.weight_decay * (1 - done / total))
+    assert shallow.weight_decay != deep.weight_decay
+
+
+def test_init_from_fills_the_rest_of_the_baseline_budget():
+    """--init-from without a deep horizon: the checkpoint's FLOPs plus the deep phase's are the baseline's."""
+    _, (baseline,) = plan_args(["--depth", "4", "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "256"], vocab_size=4096)
+    args = sg.resolve_args(["--depth", "2", "--stack-to", "4", "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "256",
+                            "--init-from", "shallow.pt", "--device", "cpu"])
+    spent = 0.3 * baseline.flops
+    (deep,) = sg.plan_phases(args, 4096, shallow_flops=spent)
+    assert abs(spent + deep.flops - baseline.flops) <= deep.step_flops / 2, "--init-from must fill only what is left"
+
+
+@pytest.mark.parametrize("depth", [4, 24])
+def test_default_batch_follows_the_power_law_away_from_d12(depth):
+    """nanochat's batch rule, B = 2^19 (N / N_d12)^0.383 rounded to a power of two: near d12 rounding hides
+    an error in it, at d4 and d24 it does not (2^18 and 2^20 at the default aspect ratio)."""
+    def scaling_params(d):
+        args = types.SimpleNamespace(aspect_ratio=64, head_dim=128, seq_len=2048)
+        with torch.device("meta"):  # shapes only: a d24 would take gigabytes
+            return sg.GPT(sg.model_config(d, d, args, 32768)).param_counts()["scaling"]
+    _, (phase,) = plan_args(["--depth", str(depth)])
+    ratio = scaling_params(depth) / scaling_params(12)
+    assert phase.batch_size == 2 ** round(math.log2(2**19 * ratio ** 0.383))
+    assert phase.batch_size == {4: 2**18, 24: 2**20}[depth]
+
+
 # -----------------------------------------------------------------------------
 # Whole runs on tiny data: the two-phase loop end to end
 
@@ -715,6 +874,21 @@ def test_growth_frees_the_shallow_model_and_its_optimizer(tiny_data, tiny_run, t
     monkeypatch.setattr(sg, "train_phase", train_phase)
     sg.main(TINY + ["--data", tiny_data, "--out-dir", str(tmp_path / "run")] + extra)
     assert freed == [[True, True]]
+
+
+def test_weight_decay_reaching_the_optimizer_falls_to_zero(tiny_data, tmp_path, monkeypatch):
+    """What Muon applies in training, step by step: the phase's weight decay times (1 - step / steps)."""
+    applied, real_step = [], sg.MuonAdamW.step
+
+    def recording_step(optimizer):
+        applied.append(next(g["weight_decay"] for g in optimizer.param_groups if g["kind"] == "muon"))
+        return real_step(optimizer)
+    monkeypatch.setattr(sg.MuonAdamW, "step", recording_step)
+    out = str(tmp_path / "run")
+    sg.main(TINY + ["--data", tiny_data, "--out-dir", out, "--eval-every", "0"])
+    shallow, deep = metrics_of(out)[0]["phases"]
+    expected = [p["weight_decay"] * (1 - s / p["steps"]) for p in (shallow, deep) for s in range(p["steps"])]
+    assert applied == pytest.approx(expected, rel=1e-12), "weight decay must fall linearly to zero in each phase"
 
 
 def test_sparse_logging_keeps_the_per_step_smoothed_loss(tiny_data, tmp_path):
@@ -1136,6 +1310,20 @@ def test_killed_run_resumes_to_the_same_result(tiny_data, long_run, tmp_path, ph
     whole, resumed = (torch.load(os.path.join(d, "final.pt"), weights_only=True) for d in (long_run, out))
     assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
     assert whole["loader"] == resumed["loader"]
+
+
+def test_random_growth_is_reproduced_by_resume_and_init_from(tiny_data, tmp_path):
+    """--grow random draws the new layers from the run's RNG: a run resumed before the growth, and one grown
+    from the saved shallow model, draw the same layers as the uninterrupted run."""
+    flags = TINY + ["--data", tiny_data, "--grow", "random", "--save-every", "2"]
+    whole, resumed, grown = (str(tmp_path / name) for name in ("whole", "resumed", "grown"))
+    sg.main(flags + ["--out-dir", whole])
+    run_and_kill_at(flags + ["--out-dir", resumed], "shallow", 5)  # the last checkpoint is step 4
+    sg.main(["--resume", "--out-dir", resumed])
+    assert comparable(metrics_of(resumed)) == comparable(metrics_of(whole))
+    sg.main(flags + ["--out-dir", grown, "--init-from", os.path.join(whole, "shallow.pt")])
+    deep = lambda run: [r for r in comparable(metrics_of(run)) if r.get("phase") == "deep"]  # noqa: E731
+    assert deep(grown) == deep(whole)
 
 
 def test_resume_of_a_finished_run_says_so(tiny_run, capsys):
@@ -1810,6 +1998,18 @@ def test_data_gpt2_like_tokenizer(tmp_path, monkeypatch):
              "--total-batch-size", "64", "--deep-steps", "2", "--eval-tokens", "256", "--out-dir", run])
     bpb = [r["val_bpb"] for r in metrics_of(run) if r["kind"] == "eval"]
     assert bpb[0] == pytest.approx(math.log2(50257) / 1.0, rel=0.05)  # a near-uniform model pays log2(vocab) bits a byte
+
+
+def test_each_epoch_visits_every_window_in_a_new_order():
+    """A run longer than the data reads every train window once per epoch, each epoch in a new shuffled order."""
+    shards = [np.arange(330, dtype=np.uint16), np.arange(1000, 1250, dtype=np.uint16)]  # 32 + 24 windows of 10
+    loader = sg.TokenWindows(shards, 10, seed=0, device="cpu")
+    assert loader.num_windows == 56
+    epochs = [torch.cat([loader.next_batch(8)[0][:, 0] for _ in range(7)]).tolist() for _ in range(3)]
+    every_window = sorted(int(w[0]) for w in (loader.window(i) for i in range(56)))
+    for order in epochs:
+        assert sorted(order) == every_window
+    assert epochs[0] != epochs[1] != epochs[2] != epochs[0]
 
 
 def test_val_windows_are_spread_over_the_whole_split():

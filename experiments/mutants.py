@@ -1,0 +1,133 @@
+"""
+Seeded bugs: does the test suite catch them? Each mutant below is a small change to stack_gpt.py of the kind a
+developer could really make (a sign, a constant, a missing step, a wrong position). For each, a copy of the
+repository gets the change and runs the suite without the golden test (which would catch nearly anything
+that moves a number, and is loosened on other CPUs), stopping at the first failure.
+
+    python experiments/mutants.py              # every mutant: about 20 minutes on 2 cores
+    python experiments/mutants.py O3 T1        # some of them
+
+It prints a markdown table: the mutant, its area, the first failing test (or "NOT CAUGHT"), and the count.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MUTANTS = [  # (id, area, what the bug does, text in stack_gpt.py, its replacement)
+    ("M1", "model", "rotary turns the wrong way for one half", "x2 * cos - x1 * sin", "x2 * cos + x1 * sin"),
+    ("M2", "model", "k is not RMS-normalised",
+     "q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))",
+     "q, k = norm(apply_rotary(q, cos, sin)), apply_rotary(k, cos, sin)"),
+    ("M3", "model", "softcap without the division", "SOFTCAP * torch.tanh(logits / SOFTCAP)", "SOFTCAP * torch.tanh(logits)"),
+    ("M4", "model", "value-embedding gate starts at 0.5", "gate = 2 * torch.sigmoid(", "gate = torch.sigmoid("),
+    ("M5", "model", "MLP activation relu, not relu^2", "F.relu(self.c_fc(x)).square()", "F.relu(self.c_fc(x))"),
+    ("M6", "model", "attention without the 1/sqrt(head_dim) scale", "is_causal=True)", "is_causal=True, scale=1.0)"),
+    ("M7", "model", "x0_lambdas start at 0", "self.x0_lambdas.fill_(0.1)", "self.x0_lambdas.fill_(0.0)"),
+    ("M8", "model", "the skip connection mixes x instead of x0",
+     "self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0", "self.resid_lambdas[i] * x + self.x0_lambdas[i] * x"),
+    ("M9", "model", "attention FLOPs counted half", "12 * c.n_head * c.head_dim", "6 * c.n_head * c.head_dim"),
+    ("O1", "optimizer", "Nesterov looks ahead by 1 - mu", "torch._foreach_lerp(grads, momenta, mu)",
+     "torch._foreach_lerp(grads, momenta, 1 - mu)"),
+    ("O2", "optimizer", "NorMuon's running mean uses beta2 as the new weight",
+     "keepdim=True), 1 - beta2)", "keepdim=True), beta2)"),
+    ("O3", "optimizer", "wide matrices get the larger step", "max(1.0, rows / cols) ** 0.5", "max(1.0, cols / rows) ** 0.5"),
+    ("O4", "optimizer", "cautious decay where the signs disagree", "(update * weights >= 0)", "(update * weights <= 0)"),
+    ("O5", "optimizer", "AdamW without bias correction of the first moment", 'value=-group["lr"] / bias1)',
+     'value=-group["lr"])'),
+    ("O6", "optimizer", "LRs scale with the batch, not its square root",
+     "scale = args.lr_scale * (batch_size / REFERENCE_BATCH) ** 0.5", "scale = args.lr_scale * (batch_size / REFERENCE_BATCH)"),
+    ("O7", "optimizer", "resid_lambdas at 10% of the scalar LR", "args.scalar_lr * 0.01 * scale", "args.scalar_lr * 0.1 * scale"),
+    ("S1", "schedules", "warmdown one step early", "progress = (length - position) / warmdown",
+     "progress = (length - position - 1) / warmdown"),
+    ("S2", "schedules", "Muon momentum keeps rising after its warmup", "min(step / MUON_MOMENTUM_WARMUP, 1.0)",
+     "min(step / MUON_MOMENTUM_WARMUP, 1.5)"),
+    ("S3", "schedules", "training never updates Muon's weight decay",
+     'group["momentum"], group["weight_decay"] = momentum, weight_decay', 'group["momentum"] = momentum'),
+    ("S4", "schedules", "global schedule: weight decay restarts at growth",
+     "weight_decay_at(done, run.total_flops, phase.weight_decay)", "weight_decay_at(step, phase.steps, phase.weight_decay)"),
+    ("S5", "schedules", "global schedule: momentum warmup restarts at growth", "muon_momentum(run.steps_before + step)",
+     "muon_momentum(step)"),
+    ("T1", "stacking", "stack repeats each layer in place", "return [i for _ in range(growth_factor) for i in range(n_layer)]",
+     "return [i for i in range(n_layer) for _ in range(growth_factor)]"),
+    ("T2", "stacking", "identity copies keep a x0 skip", 'grown["x0_lambdas"][j] = 1.0, 0.0', 'grown["x0_lambdas"][j] = 1.0, 0.1'),
+    ("T3", "stacking", "random growth keeps the first copy's weights", "        for j in copies:\n            grown.update(",
+     "        for j in copies[1:]:\n            grown.update("),
+    ("T4", "stacking", "carry drops the block matrices' state", "        if name in grown:\n            deep_optimizer",
+     "        if name in grown and not name.startswith(\"blocks.\"):\n            deep_optimizer"),
+    ("T5", "stacking", "value embeddings placed by deep index", "if source in shallow_config.ve_layers",
+     "if j in shallow_config.ve_layers"),
+    ("P1", "planning", "the deep phase fills the whole budget again",
+     "steps = round((budget - (shallow_flops or 0)) / (flops_per_token * batch))",
+     "steps = round(budget / (flops_per_token * batch))"),
+    ("P2", "planning", "auto batch rounded down", "auto = 2 ** round(math.log2(", "auto = 2 ** math.floor(math.log2("),
+    ("P3", "planning", "--grow-at counts half the share", "steps = round(args.grow_at * budget / (flops_per_token * batch))",
+     "steps = round(args.grow_at * budget / (2 * flops_per_token * batch))"),
+    ("P4", "planning", "weight decay rule inverted", "* ref_params / scaling_params", "* scaling_params / ref_params"),
+    ("P5", "planning", "batch power law inverted", "(scaling_params / ref_params) ** BATCH_EXPONENT",
+     "(ref_params / scaling_params) ** BATCH_EXPONENT"),
+    ("R1", "resume", "the smoothed loss is not restored", '        run.smooth_loss.fill_(resume["smooth_loss"])\n', ""),
+    ("R2", "resume", "the RNG is not restored", '    torch.set_rng_state(ckpt["rng"])\n', ""),
+    ("R3", "resume", "the data position is not restored", "    if same_data:\n        run.loader",
+     "    if False:\n        run.loader"),
+    ("D1", "DDP", "gradients summed over ranks, not averaged", "        torch._foreach_div_(grads, world)\n", ""),
+    ("D2", "DDP", "every rank reads the first rows", "mine = ids[self.rank * rows:(self.rank + 1) * rows]", "mine = ids[:rows]"),
+    ("A1", "report", "the crossing is not interpolated", "share = (above[key] - target) / (above[key] - below[key])",
+     "share = 0.5"),
+    ("A2", "report", "speedup computed as a saving", 'row[f"{metric}_speedup"] = 1 / fraction - 1',
+     'row[f"{metric}_speedup"] = 1 - fraction'),
+    ("A3", "report", "compute ratio upside down", 'row["bpb_compute_ratio"] = row["flops"] / reached',
+     'row["bpb_compute_ratio"] = reached / row["flops"]'),
+    ("X1", "data", "every epoch in the same order", "manual_seed(self.seed * 100003 + epoch)", "manual_seed(self.seed * 100003)"),
+    ("X2", "data", "val windows from the start of the split only", "np.linspace(0, windows.num_windows - 1, n).round()",
+     "np.arange(n)"),
+    ("X3", "data", "special tokens counted in bpb", "nats += (loss * (counted_bytes > 0)).sum()", "nats += loss.sum()"),
+    ("L1", "loop", "evaluations off by one step", "step % args.eval_every == 0", "step % args.eval_every == 1"),
+    ("L2", "loop", "the loss EMA is not debiased", "    smoothed /= 1 - LOSS_EMA_DECAY ** steps_done  # debias: the EMA started from zero\n", ""),
+    ("L3", "loop", "gradients summed over micro-batches", "(loss / accum).backward()", "loss.backward()"),
+    ("L4", "loop", "cumulative FLOPs forget the phases before", "return run.flops_before + phase.step_flops * step",
+     "return phase.step_flops * step"),
+]
+
+
+def run_mutant(source, old, new):
+    """The first failing test's name, or None when the suite passes with the change."""
+    assert source.count(old) == 1, f"the text to change must occur once: {old!r}"
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("stack_gpt.py", "prepare_data.py", "test_stack_gpt.py", "README.md"):
+            shutil.copy(os.path.join(HERE, name), tmp)
+        shutil.copytree(os.path.join(HERE, "experiments"), os.path.join(tmp, "experiments"),
+                        ignore=shutil.ignore_patterns("runs"))
+        with open(os.path.join(tmp, "stack_gpt.py"), "w") as f:
+            f.write(source.replace(old, new))
+        proc = subprocess.run([sys.executable, "-m", "pytest", "test_stack_gpt.py", "-x", "-q", "-p", "no:cacheprovider",
+                               "--deselect", "test_stack_gpt.py::test_golden_metrics_are_reproduced"],
+                              cwd=tmp, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    failed = re.search(r"^(?:FAILED|ERROR) (\S+)", proc.stdout, re.M)
+    return failed.group(1).split("::")[-1] if failed else f"exit {proc.returncode}"
+
+
+def main():
+    chosen = set(sys.argv[1:])
+    with open(os.path.join(HERE, "stack_gpt.py")) as f:
+        source = f.read()
+    print("| mutant | area | the bug | first failing test |\n|---|---|---|---|")
+    caught = total = 0
+    for key, area, what, old, new in MUTANTS:
+        if chosen and key not in chosen:
+            continue
+        first = run_mutant(source, old, new)
+        total, caught = total + 1, caught + (first is not None)
+        print(f"| {key} | {area} | {what} | {first or 'NOT CAUGHT'} |", flush=True)
+    print(f"\ncaught {caught} of {total}")
+
+
+if __name__ == "__main__":
+    main()
