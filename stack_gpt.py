@@ -662,7 +662,7 @@ def evaluate_bpb(model, val_batches, token_bytes, autocast):
 #                                             version 1, token count), then the tokens as uint16
 #   tokenizer.tiktoken                        the BPE (for prepare_data.py; training needs only ids)
 #   token_bytes.npy                           UTF-8 bytes of each token id (0 for special ones)
-#   meta.json                                 shard names, tokenizer, "complete": true when done
+#   meta.json                                 shard names, vocab size; written last, so its folder is whole
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 
@@ -681,7 +681,6 @@ def load_data(data_dir):
     try:
         with open(os.path.join(data_dir, "meta.json")) as f:
             meta = json.load(f)
-        assert meta["complete"] is True
         train, val = ([read_shard(os.path.join(data_dir, n)) for n in meta[f"{split}_shards"]]
                       for split in ("train", "val"))
         token_bytes = np.load(os.path.join(data_dir, "token_bytes.npy")).astype(np.int32)
@@ -782,7 +781,7 @@ class Run:
                 with open(self.metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:
-                raise UsageError(f"cannot append to {self.metrics_path} ({e.strerror}): fix it, --resume")
+                raise UsageError(f"cannot write to {self.metrics_path} ({e.strerror or e}): fix it, --resume")
             self.metrics_lines += 1
 
 
@@ -945,13 +944,13 @@ def launch(args):
     phases = plan_phases(args, meta["vocab_size"], shallow_flops=init["flops"] if init else None, world=world)
     val = val_batches(val_shards, args.eval_tokens, args.seq_len, args.device_batch_size, args.device)
     token_bytes = torch.tensor(token_bytes, device=args.device)
+    loader = TokenWindows(train_shards, args.seq_len, args.seed, args.device, rank, world)  # may refuse data
     flops_before, metrics_lines = init["flops"] if init else 0, resume["metrics_lines"] if resume else 0
     if rank == 0:
         prepare_run_dir(args, metrics_lines)  # before anyone logs to it; a resumed run keeps metrics_lines
     # --dtype bf16: the matmuls of every forward (and so backward) run in bf16; fp32: nothing changes
     autocast = torch.autocast(args.device, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
-    run = Run(TokenWindows(train_shards, args.seq_len, args.seed, args.device, rank, world),
-              os.path.join(args.out_dir, "metrics.jsonl"), metrics_lines,
+    run = Run(loader, os.path.join(args.out_dir, "metrics.jsonl"), metrics_lines,
               flops_before + sum(p.flops for p in phases), flops_before, init["step"] if init else 0,
               torch.zeros((), device=args.device), rank, world, peak_flops(args.device), autocast)
     if args.device == "cuda":
@@ -962,7 +961,7 @@ def launch(args):
     evaluate = lambda model: evaluate_bpb(model, val[rank::world], token_bytes, run.autocast)  # noqa: E731
     train(phases, resume, init, args, run, evaluate)
     log_summary(phases, time.time() - start, args, run)
-    if args.baseline:
+    if args.baseline and rank == 0:  # only rank 0 has written its records
         run.log(format_report([acceleration(baseline, read_metrics(run.metrics_path), args.out_dir)]))
     if world > 1:
         dist.barrier()  # leave together, then skip the interpreter's teardown: with gloo it can abort at exit
@@ -1017,14 +1016,11 @@ def measure_flops_per_second(model, args, autocast, repeats=5):
     return row_flops * rows / statistics.median(seconds[2:])
 
 
-def estimate_seconds(phases, args, val_tokens, flops_per_second):
-    """Training plus evaluations (forward only: a third of a training token's FLOPs) at the measured speed."""
-    seconds = 0
-    for p in phases:
-        # evaluations at step 0, every --eval-every steps, and at the end
-        evals = p.steps // args.eval_every + 1 + (p.steps % args.eval_every > 0) if args.eval_every else 1
-        seconds += (p.flops + evals * val_tokens * p.flops_per_token / 3) / flops_per_second
-    return seconds
+def estimate_seconds(phases, args, val_tokens, speed):
+    """Training plus evaluations (forward only: a third of a training token's FLOPs) at `speed` FLOP/s."""
+    def evaluations(p):  # at step 0, every --eval-every steps, and at the end
+        return p.steps // args.eval_every + 1 + (p.steps % args.eval_every > 0) if args.eval_every else 1
+    return sum(p.flops + evaluations(p) * val_tokens * p.flops_per_token / 3 for p in phases) / speed
 
 
 def describe_cost(seconds, flops_per_second, args):
@@ -1096,8 +1092,12 @@ def read_metrics(path):
     except (OSError, ValueError) as e:  # a line cut short by a killed run, say, or not a text file at all
         raise UsageError(f"cannot read the metrics in {path} after {len(records)} records ({e}): "
                          "remove what is broken, or give a run folder or its metrics.jsonl") from None
-    for kind, keys in {"train": {"flops", "loss"}, "eval": {"flops", "val_bpb"}}.items():  # what reports read
-        if not any(isinstance(r, dict) and r.get("kind") == kind and keys <= r.keys() for r in records):
+    needs = {"train": {"flops", "loss"}, "eval": {"flops", "val_bpb"}}  # what the reports read
+    for n, record in enumerate(records, 1):
+        if not (isinstance(record, dict) and needs.get(record.get("kind"), set()) <= record.keys()):
+            raise UsageError(f"{path} line {n} is not a stack_gpt metrics record: give a run's metrics.jsonl")
+    for kind in needs:
+        if not any(r["kind"] == kind for r in records):
             raise UsageError(f"{path} has no {kind} records: give the metrics of a run that trained")
     return records
 
@@ -1177,15 +1177,15 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def number(cast, low=0, strict=True, high=math.inf):
-    """An argparse type: a finite number above `low` (at least `low` if not strict), at most `high`."""
+    """An argparse type: a finite number between `low` and `high`, excluded if strict, else included."""
     def parse(text):
         try:
             value = cast(text)
         except ValueError:
             value = math.nan
-        if not (math.isfinite(value) and (value > low if strict else value >= low) and value <= high):
-            kind = "a whole number" if cast is int else "a finite number"
-            bounds = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+        if not (math.isfinite(value) and ((low < value < high) if strict else (low <= value <= high))):
+            kind, op = ("a whole number" if cast is int else "a finite number"), ("" if strict else "=")
+            bounds = f">{op} {low}" + (f" and <{op} {high}" if high < math.inf else "")
             raise argparse.ArgumentTypeError(f"must be {kind} {bounds} (got {text!r})")
         return value
     return parse
@@ -1222,7 +1222,7 @@ def get_parser():
     g("--weight-decay", type=non_negative, default=0.2, help="Muon's weight decay at d12 (then scaled)")
     g("--warmup-ratio", type=number(float, strict=False, high=1), default=0.0, help="share with LR warmup")
     g("--warmdown-ratio", type=non_negative, help="share of the deep phase (or run) with LR decay "
-      "(default: 1.0 after stacking, else 0.5)")
+      "(default: 1.0 after stacking with --schedule phases, else 0.5)")
     g("--shallow-warmdown-ratio", type=non_negative, default=0.0, help="warmdown ratio of the shallow phase")
     g("--final-lr-frac", type=non_negative, default=0.0, help="LR multiplier at the end of a warmdown")
     g = p.add_argument_group("evaluation and logging").add_argument
@@ -1353,7 +1353,8 @@ def load_checkpoint(path):
         with warnings.catch_warnings():  # torch warns about odd files; the one-line refusal below says it
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)  # every rank, whatever its GPU
-        assert ckpt["format"] == CHECKPOINT_FORMAT
+        if ckpt["format"] != CHECKPOINT_FORMAT:
+            raise ValueError("another format")
     except Exception:
         raise UsageError(f"{path} is no intact stack_gpt checkpoint (or it holds code): refused") from None
     return ckpt
@@ -1433,7 +1434,7 @@ def prepare_run_dir(args, metrics_lines):
     path = os.path.join(args.out_dir, "metrics.jsonl")
     try:
         os.makedirs(args.out_dir, exist_ok=True)
-        kept = open(path).readlines()[:metrics_lines] if args.resume else []
+        kept = open(path).readlines()[:metrics_lines] if args.resume and os.path.exists(path) else []
         for name in [] if args.resume else RUN_FILES[:3]:
             if os.path.exists(os.path.join(args.out_dir, name)):
                 os.remove(os.path.join(args.out_dir, name))

@@ -579,7 +579,7 @@ def test_a_gpu_sized_plan_on_a_cpu_says_what_it_costs():
     """The headline command on a CPU: an estimate in days, the README's CPU command, and too many epochs."""
     args = sg.resolve_args(["--depth", "6", "--stack-to", "12", "--device", "cpu"])
     phases = sg.plan_phases(args, vocab_size=4096)
-    seconds = sg.estimate_seconds(phases, args, val_tokens=131072, flops_per_second=1e11)
+    seconds = sg.estimate_seconds(phases, args, val_tokens=131072, speed=1e11)
     shallow, deep = phases
     assert (shallow.steps, deep.steps, args.eval_every) == (282, 1619, 250)  # so 3 and 8 evaluations, forward only
     evals = (3 * shallow.flops_per_token + 8 * deep.flops_per_token) * 131072 / 3
@@ -1165,7 +1165,8 @@ def test_bad_input_exits_2_without_traceback(tmp_path):
     (["--warmup-ratio", "1.5"], "<= 1"),
     (["--lr-scale", "0"], "argument --lr-scale: must be a finite number > 0"),
     (["--device", "tpu"], "argument --device: invalid choice"),
-    (["--depth", "2", "--stack-to", "4", "--grow-at", "1.2"], "argument --grow-at: must be a finite number > 0 and <= 1"),
+    (["--depth", "2", "--stack-to", "4", "--grow-at", "1.2"], "argument --grow-at: must be a finite number > 0 and < 1"),
+    (["--depth", "2", "--stack-to", "4", "--grow-at", "1"], "argument --grow-at: must be a finite number > 0 and < 1"),
     (["--grow-at", "0.5"], "give --stack-to too"),
     (["--compare", "runs/d12"], "at least one run to compare"),
     (["--depth", "2", "--stack-to", "4", "--grow-at", "0.5", "--shallow-steps", "10"], "leave out --shallow-steps"),
@@ -1222,7 +1223,7 @@ def test_compare_refuses_what_is_not_a_metrics_file(capsys, tiny_run, tmp_path):
     (tmp_path / "binary").write_bytes(b"\x80\xff" * 100)
     expect_usage_error(capsys, ["--compare", tiny_run, str(tmp_path / "binary")], "cannot read the metrics")
     (tmp_path / "list.jsonl").write_text("[1, 2]\n")
-    expect_usage_error(capsys, ["--compare", tiny_run, str(tmp_path / "list.jsonl")], "has no train records")
+    expect_usage_error(capsys, ["--compare", tiny_run, str(tmp_path / "list.jsonl")], "line 1 is not a stack_gpt metrics record")
     evals_only = [line for line in open(os.path.join(tiny_run, "metrics.jsonl")) if '"kind": "eval"' in line]
     (tmp_path / "evals.jsonl").write_text("".join(evals_only))
     expect_usage_error(capsys, ["--compare", str(tmp_path / "evals.jsonl"), tiny_run], "no train records")
@@ -1459,7 +1460,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_a_metrics_file_that_cannot_be_appended_is_a_usage_error(tmp_path, capsys):
     run = sg.Run(None, str(tmp_path / "gone" / "metrics.jsonl"), 0, 0)  # the run folder vanished mid-run
-    with pytest.raises(sg.UsageError, match="cannot append to .*gone/metrics.jsonl .No such file or directory.: fix it, --resume"):
+    with pytest.raises(sg.UsageError, match="cannot write to .*gone/metrics.jsonl .No such file or directory.: fix it, --resume"):
         run.log("step 10", step=10)
     run.metrics_path = "/dev/full"  # Linux's always-full device: every write fails with ENOSPC
     with pytest.raises(sg.UsageError, match="No space left on device"):
