@@ -57,6 +57,10 @@ GROW_SHARES = ("0.2", "0.4", "0.6", "0.8")  # --grow-at, with one LR schedule ac
 SHORT_WARMDOWN = "0.15"
 GROWTH_SEEDS = (0, 1, 2)
 CONFIRM_SEEDS = tuple(range(8))
+# Part 3, step 2: the stacked arm tuned too. Growth at 20% half an octave either side of the tuned LR, and growth at
+# 10% at it; seeds 0-2 against the tuned baselines of those seeds. An arm ahead on average is confirmed on fresh seeds.
+STACKED_TUNING = {"at0.2-lr5.66": ("0.2", "5.66"), "at0.2-lr11.3": ("0.2", "11.3"), "at0.1": ("0.1", None)}
+FRESH_SEEDS = tuple(range(8, 14))  # used by no selection before the confirmation
 RUNNING_SECONDS = 600  # a metrics file written this recently belongs to a run in progress (see running_elsewhere)
 
 
@@ -94,8 +98,16 @@ def sweeps():
         best = best_growth_arm(lr, tuned_warmdown)
         if best:
             confirm += [(f"{best}-s{s}", growth_arms(lr, tuned_warmdown)[best] + ["--seed", str(s)]) for s in new_seeds]
+    tune_stacked, confirm_stacked = [], []
+    if tuned:
+        arms = stacked_tuning_arms(*tuned)
+        tune_stacked = [(f"{name}-s{s}", flags + ["--seed", str(s)]) for name, flags in arms.items() for s in GROWTH_SEEDS]
+        ahead = arms_ahead(*tuned) or []
+        confirm_stacked = [(f"baseline-s{s}", baseline + ["--seed", str(s)]) for s in FRESH_SEEDS if ahead]
+        confirm_stacked += [(f"{name}-s{s}", arms[name] + ["--seed", str(s)]) for name in ahead for s in FRESH_SEEDS]
     return {"fixed-flops": fixed, "recipes": recipes, "warmdown": warmdown, "miniseries": mini, "tune-lr": tune_lr,
-            "tune-warmdown": tune_warmdown, "grow-at": grow_at, "confirm": confirm}
+            "tune-warmdown": tune_warmdown, "grow-at": grow_at, "confirm": confirm, "tune-stacked": tune_stacked,
+            "confirm-stacked": confirm_stacked}
 
 
 def growth_arms(lr, warmdown):
@@ -107,9 +119,35 @@ def growth_arms(lr, warmdown):
     arms = {}
     for share in GROW_SHARES:
         for w in [warmdown] + [SHORT_WARMDOWN] * (float(share) >= 1 - float(warmdown)):
-            name = f"at{share}" + (f"-wd{w}" if w != warmdown else "")
-            arms[name] = STACKED + ["--schedule", "global", "--grow-at", share, "--lr-scale", lr, "--warmdown-ratio", w, "--eval-every", "50"]
+            arms[f"at{share}" + (f"-wd{w}" if w != warmdown else "")] = growth_flags(share, lr, w)
     return arms
+
+
+def growth_flags(share, lr, warmdown):
+    return STACKED + ["--schedule", "global", "--grow-at", share, "--lr-scale", lr, "--warmdown-ratio", warmdown, "--eval-every", "50"]
+
+
+def stacked_tuning_arms(lr, warmdown):
+    """Part 3, step 2: {arm: flags}, as step 2's growth arms, at the tuned warmdown and each arm's own LR (None: the tuned one)."""
+    return {name: growth_flags(share, arm_lr or lr, warmdown) for name, (share, arm_lr) in STACKED_TUNING.items()}
+
+
+def paired_mean(arm_of, seeds):
+    """Mean over seeds of (arm's final val bpb - the tuned baseline's of the same seed); None until all have finished."""
+    differences = []
+    for s in seeds:
+        arm, base = arm_of(s), tuned_baseline(s)
+        if not (arm and base):
+            return None
+        differences.append(list(arm[-1]["val_bpb"].values())[-1] - base[-1]["val_bpb"]["baseline"])
+    return statistics.mean(differences)
+
+
+def arms_ahead(lr, warmdown):
+    """Part 3's rule for step 2: the tuned stacked arms whose paired mean is below zero; None until all have finished."""
+    means = {name: paired_mean(lambda s: finished_records("tune-stacked", f"{name}-s{s}"), GROWTH_SEEDS)
+             for name in stacked_tuning_arms(lr, warmdown)}
+    return None if None in means.values() else [name for name, mean in means.items() if mean < 0]
 
 
 # --- the decision rules of Part 2, on the finished runs ---
