@@ -825,10 +825,9 @@ def log_train_line(phase, steps_done, loss, smoothed, lrm, dt, elapsed, eta, run
     tok_per_s = phase.batch_size / dt
     # model FLOPs utilization: the FLOP/s our FLOPs count says we do, over the peak of all GPUs together
     mfu = 100 * phase.flops_per_token * tok_per_s / (run.peak_flops * run.world) if run.peak_flops else None
-    mfu_text = f" | mfu {mfu:.1f}%" if mfu is not None else ""
-    run.log(f"{phase.name} step {steps_done}/{phase.steps} | loss {smoothed:.4f} | lrm {lrm:.3f} | "
-            f"dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f}{mfu_text} | elapsed {elapsed / 60:.1f}m | "
-            f"eta {eta / 60:.1f}m",
+    run.log(f"{phase.name} step {steps_done}/{phase.steps} | loss {smoothed:.4f} | lrm {lrm:.3f} | dt "
+            f"{dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f}{f' | mfu {mfu:.1f}%' if mfu else ''} | elapsed "
+            f"{elapsed / 60:.1f}m | eta {eta / 60:.1f}m",
             kind="train", phase=phase.name, step=steps_done, loss=smoothed, raw_loss=loss, lrm=lrm, dt=dt,
             tok_per_s=tok_per_s, mfu=mfu, flops=flops_at(phase, steps_done, run), elapsed=elapsed)
 
@@ -1035,6 +1034,17 @@ def describe_cost(seconds, flops_per_second, args):
     return text
 
 
+def cheap_token_ceiling(shallow, deep, total_flops):
+    """
+    The saving that growth gives if its whole gain is that the shallow phase's tokens cost less. Were a
+    shallow token to teach as much as a deep one, the run would reach the baseline's final loss having
+    paid f_shallow instead of f_deep for each shallow token: shallow.flops * (f_deep / f_shallow - 1) saved.
+    A reference, not a bound: a larger saving means the shallow model learned more per token, the growth
+    itself helped, or the baseline was weak. In the acceleration report's units: speedup = s / (1 - s).
+    """
+    return shallow.flops / total_flops * (deep.flops_per_token / shallow.flops_per_token - 1)
+
+
 def describe_plan(phases, args, meta, flops_before=0):
     """What the run will do, in FLOPs and tokens, before it starts."""
     lines = [f"{p.name}: {p.config.n_layer} layers x {p.config.n_embd} wide, {p.config.n_head} heads | "
@@ -1050,8 +1060,9 @@ def describe_plan(phases, args, meta, flops_before=0):
         total += f" | one LR schedule over the whole run, warmdown {args.warmdown_ratio}"
     lines.append(total)
     if args.stacked and not flops_before:
-        lines.append(f"growth after {phases[0].flops / total_flops:.1%} of the FLOPs and "
-                     f"{tokens[0] / sum(tokens):.1%} of the tokens")
+        ceiling = cheap_token_ceiling(phases[0], phases[1], total_flops)
+        lines.append(f"growth after {phases[0].flops / total_flops:.1%} of the FLOPs | cheap-token ceiling "
+                     f"{ceiling:.1%} saved (speedup {ceiling / (1 - ceiling):.1%}) if all tokens teach alike")
     if epochs > MEMORIZING_EPOCHS:
         lines.append(f"this plan reads the train tokens {epochs:.0f} times: past about {MEMORIZING_EPOCHS} a "
                      "model memorizes them and val bpb means little; build a larger dataset (python "
@@ -1279,8 +1290,7 @@ def resolve_args(argv=None):
     args.compile = args.device == "cuda" if args.compile is None else args.compile
     # GPUs are fast in bf16; many CPUs have no native bf16 and emulate it, tens of times slower than fp32
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    name = f"d{args.depth}s{args.stack_to}" if args.stacked else f"d{args.depth}"
-    args.out_dir = args.out_dir or os.path.join("runs", name)
+    args.out_dir = args.out_dir or os.path.join("runs", f"d{args.depth}" + f"s{args.stack_to}" * args.stacked)
     return args
 
 

@@ -575,6 +575,29 @@ def test_gpt2_vocab_plan_matches_the_readme():
     assert shallow.flops_per_token / deep.flops_per_token == pytest.approx(0.620, abs=5e-4)
 
 
+def test_a_stacked_plan_states_its_cheap_token_ceiling():
+    """
+    By hand, Part 2's d2s4 -> d4 growing after 20% of the budget (width 128, 4 heads of 32, T 256, vocab 2048):
+    a block's matrices hold 4 * 128^2 + 2 * 128 * 512 = 196,608 weights, the head 2048 * 128, a value
+    embedding's gate 4 * 32, and attention adds 12 * 128 * 256 FLOPs a layer. If every token taught alike,
+    the 896 shallow steps would save what their tokens cost less than deep ones, against the whole budget.
+    """
+    family = ["--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "256", "--device-batch-size", "16",
+              "--total-batch-size", "4096"]
+    args, (shallow, deep) = plan_args(["--depth", "2", "--stack-to", "4", "--grow-at", "0.2"] + family, 2048)
+    f_shallow = 6 * (2 * 196_608 + 2048 * 128 + 1 * 128) + 12 * 128 * 256 * 2  # one value-embedding layer
+    f_deep = 6 * (4 * 196_608 + 2048 * 128 + 2 * 128) + 12 * 128 * 256 * 4  # two
+    assert (shallow.steps, shallow.flops_per_token, deep.flops_per_token) == (896, f_shallow, f_deep)
+    budget = 4096 * (896 * f_shallow + deep.steps * f_deep)
+    ceiling = 896 * 4096 * (f_deep - f_shallow) / budget
+    assert sg.cheap_token_ceiling(shallow, deep, budget) == pytest.approx(ceiling, rel=1e-12)
+    assert round(ceiling, 4) == 0.1334 and round(ceiling / (1 - ceiling), 4) == 0.1539  # saving, speedup
+    plan = sg.describe_plan([shallow, deep], args, {"train_tokens": 19_464_830})
+    assert "growth after 20.0% of the FLOPs | cheap-token ceiling 13.3% saved (speedup 15.4%)" in plan
+    baseline_args, baseline = plan_args(["--depth", "4"])
+    assert "ceiling" not in sg.describe_plan(baseline, baseline_args, {"train_tokens": 1})
+
+
 def test_a_gpu_sized_plan_on_a_cpu_says_what_it_costs():
     """The headline command on a CPU: an estimate in days, the README's CPU command, and too many epochs."""
     args = sg.resolve_args(["--depth", "6", "--stack-to", "12", "--device", "cpu"])

@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import stack_gpt  # noqa: E402  (the acceleration arithmetic of its --compare)
@@ -554,8 +555,9 @@ def tuned_baseline(seed):
         return None
     if seed in TUNING_SEEDS:
         sweep, name = tuning_run(*tuned)
-    else:  # step 2 runs the growth seeds past the tuning ones, step 3 the rest
-        sweep, name = ("grow-at" if seed in GROWTH_SEEDS else "confirm"), "baseline"
+    else:  # step 2 runs the growth seeds past the tuning ones, step 3 the rest to 7, Part 3 the fresh seeds
+        sweep = "grow-at" if seed in GROWTH_SEEDS else "confirm" if seed in CONFIRM_SEEDS else "confirm-stacked"
+        name = "baseline"
     return finished_records(sweep, f"{name}-s{seed}")
 
 
@@ -695,6 +697,116 @@ def part2_report():
     return out
 
 
+# --- Part 3 ---
+
+# The anchors' cheap-token ceiling and reported saving: arithmetic on their published sizes and token counts
+# (experiments.md, "The cheap-token ceiling of the anchors", names the sources), not runs of ours.
+ANCHORS = {"write-up, d6s12 -> d12": (0.076, 0.054), "paper 3B, g = 4": (0.030, 0.353), "paper 7B, g = 4": (0.024, 0.353)}
+
+
+def ceiling_of(run):
+    """A stacked run's cheap-token ceiling, from the plan it recorded before training."""
+    shallow, deep = (types.SimpleNamespace(**phase) for phase in run[0]["phases"])
+    return stack_gpt.cheap_token_ceiling(shallow, deep, shallow.flops + deep.flops)
+
+
+def stacked_run(arm, seed):
+    """The records of a Part 3 arm's run of this seed (step 2: seeds 0-2, its confirmation: the fresh seeds)."""
+    return finished_records("tune-stacked" if seed in GROWTH_SEEDS else "confirm-stacked", f"{arm}-s{seed}")
+
+
+def equal_flops_arms():
+    """
+    [(part, arm, cheap-token ceiling, [compute saved at the val bpb both reach, per seed])] for every stacked arm
+    of Parts 1-3 that spent its baseline's FLOPs (not the miniseries, nor the warmdown sweep's --init-from runs,
+    whose plans leave out their shallow phase). Part 1's arms against its untuned baseline, the rest the tuned one.
+    """
+    arms = [("Part 1 (untuned baseline)", arm, lambda a, s, sweep=sweep: finished_records(sweep, f"{a}-s{s}"), baseline_records, SEEDS)
+            for sweep, names in (("fixed-flops", [f"r{r}" for r in SHALLOW_RATIOS]), ("recipes", RECIPES)) for arm in names]
+    tuned = tuned_settings()
+    if tuned:
+        arms += [("Part 2", arm, growth_run, tuned_baseline, CONFIRM_SEEDS) for arm in growth_arms(*tuned)]
+        arms += [("Part 3", arm, stacked_run, tuned_baseline, GROWTH_SEEDS + FRESH_SEEDS) for arm in stacked_tuning_arms(*tuned)]
+    found = []
+    for part, arm, run_of, baseline_of, seeds in arms:
+        rows = seed_rows(lambda s: run_of(arm, s), baseline_of, seeds)
+        if rows:
+            found.append((part, arm, ceiling_of(run_of(arm, next(iter(rows)))), [matched_saving(r) for r in rows.values()]))
+    return found
+
+
+def ceiling_table(arms):
+    """Each arm's measured saving beside its cheap-token ceiling, then the anchors'."""
+    lines = ["| part | arm | seeds | cheap-token ceiling | compute saved at the val bpb both reach (mean ± std) | saved minus ceiling |",
+             "|---|---|---|---|---|---|"]
+    for part, arm, ceiling, savings in arms:
+        lines.append(f"| {part} | {arm} | {len(savings)} | {100 * ceiling:.1f}% | {pct_mean_std(savings)} | "
+                     f"{pct(statistics.mean(savings) - ceiling)} |")
+    for anchor, (ceiling, saving) in ANCHORS.items():
+        lines.append(f"| anchor | {anchor} | - | {100 * ceiling:.1f}% | {pct(saving)} (reported) | {pct(saving - ceiling)} |")
+    return lines
+
+
+def lr_parabola(lr, warmdown):
+    """
+    Part 3, step 2, reported beside the rule: the parabola in log2(LR) through the mean final val bpb of growth
+    at 20% at three LRs. (vertex LR, fitted bpb there minus at the tuned LR), or None until all have finished
+    or when the parabola opens downwards (no best LR inside what it says).
+    """
+    import numpy as np  # in requirements.txt
+    runs = {float(lr): ("grow-at", "at0.2")} | {float(arm_lr): ("tune-stacked", name) for name, (share, arm_lr)
+                                               in STACKED_TUNING.items() if share == "0.2"}
+    means = {x: mean_over_seeds(sweep, name, GROWTH_SEEDS) for x, (sweep, name) in runs.items()}
+    if None in means.values():
+        return None
+    a, b, c = np.polyfit([math.log2(x) for x in means], list(means.values()), 2)
+    if a <= 0:
+        return None
+    vertex = -b / (2 * a)
+    return 2 ** vertex, float(np.polyval([a, b, c], vertex) - np.polyval([a, b, c], math.log2(float(lr))))
+
+
+def part3_report():
+    """Part 3's tables: step 2's arms against the tuned baseline, the rule's choice, and every arm against its ceiling."""
+    tuned, out = tuned_settings(), []
+    if not tuned:
+        return out
+    baselines = {s: tuned_baseline(s) for s in GROWTH_SEEDS}
+    lines = []
+    for arm, flags in stacked_tuning_arms(*tuned).items():
+        rows = seed_rows(lambda s: stacked_run(arm, s), baselines.get, GROWTH_SEEDS)
+        if rows:
+            lines.append(f"| {arm} | {float(flag_value(flags, '--grow-at')):.0%} | {flag_value(flags, '--lr-scale')} | "
+                         f"{len(rows)} | {mean_std([r['val_bpb'] for r in rows.values()])} | "
+                         f"{paired_difference([r['val_bpb'] - r['baseline_val_bpb'] for r in rows.values()])} | "
+                         f"{saving_with_speedup([matched_saving(r) for r in rows.values()])} | "
+                         f"{100 * ceiling_of(stacked_run(arm, next(iter(rows)))):.1f}% |")
+    if lines:
+        out += [f"## Part 3, step 2: the stacked arm tuned (d2s4 -> d4, one LR schedule, warmdown {tuned[1]}; seeds "
+                f"{', '.join(map(str, GROWTH_SEEDS))} against the tuned baseline)", "",
+                "| arm | grows at | --lr-scale | seeds | final val bpb | minus tuned baseline's, same seed (95% CI) | "
+                "compute saved at the val bpb both reach (speedup of the mean) | cheap-token ceiling |",
+                "|---|---|---|---|---|---|---|---|"] + lines + [""]
+    parabola = lr_parabola(*tuned)
+    if parabola:
+        out += [f"Parabola in log2(LR) through growth at 20% at the three LRs (mean of seeds 0-2): best --lr-scale "
+                f"{parabola[0]:.2f}, {parabola[1]:+.4f} bpb against ×{tuned[0]} (reported, not a rule).", ""]
+    ahead = arms_ahead(*tuned)
+    if ahead is not None:
+        out += [f"By the rule (paired mean below zero): {', '.join(ahead) or 'no arm'} goes on to seeds "
+                f"{FRESH_SEEDS[0]}-{FRESH_SEEDS[-1]}.", ""]
+    for arm in ahead or []:
+        rows = seed_rows(lambda s: stacked_run(arm, s), tuned_baseline, FRESH_SEEDS)
+        if len(rows) == len(FRESH_SEEDS):
+            arm_bpb, base_bpb = [r["val_bpb"] for r in rows.values()], [r["baseline_val_bpb"] for r in rows.values()]
+            mean, half, _, _ = paired_test([a - b for a, b in zip(arm_bpb, base_bpb)])
+            out += [f"## Part 3, step 2: {arm} against the tuned baseline, fresh seeds", ""] + confirm_tests(arm_bpb, base_bpb)
+            out += ["", f"Verdict: {arm} {'beats' if mean + half < 0 else 'does not beat'} the tuned baseline.", ""]
+    arms = equal_flops_arms()
+    out += ["## Every equal-FLOPs arm against its cheap-token ceiling", ""] + ceiling_table(arms) + [""]
+    return out
+
+
 def report():
     out = []
     base_runs = [s for s in SEEDS if baseline_records(s)]
@@ -716,7 +828,7 @@ def report():
     for depth, base, stacked in pairs:
         out += [f"## Miniseries at target depth {depth[1:]} (both phases at ratio 10.5, seed 0)", "",
                 stack_gpt.format_report([stack_gpt.acceleration(records(*base), records("miniseries", stacked), stacked)]), ""]
-    out += part2_report()
+    out += part2_report() + part3_report()
     print("\n".join(out))
     plots(base_runs)
 
@@ -766,7 +878,7 @@ def plots(base_runs):
         part2 = (plot_differences(plt, list(growth_arms(*tuned)), GROWTH_SEEDS, "experiments/part2_bpb_difference_growth.png"),
                  best and plot_differences(plt, [best], CONFIRM_SEEDS, "experiments/part2_bpb_difference.png"),
                  plot_growth_point(plt, *tuned))
-        saved += [path for path in part2 if path]
+        saved += [path for path in part2 if path] + [plot_ceiling(plt, equal_flops_arms())]
     print(f"plots: {', '.join(saved)}")
 
 
@@ -838,6 +950,28 @@ def plot_growth_point(plt, lr, warmdown):
     ax.legend()
     fig.savefig("experiments/part2_saving_vs_growth_share.png", dpi=120, bbox_inches="tight")
     return "experiments/part2_saving_vs_growth_share.png"
+
+
+def plot_ceiling(plt, arms):
+    """
+    Measured saving against the cheap-token ceiling: a point (mean ± std over seeds) per equal-FLOPs arm of
+    Parts 1-3, the anchors' reported savings beside them. On the diagonal, a saving is all cheap tokens.
+    """
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for part, color in zip(sorted({part for part, *_ in arms}), plt.cm.tab10.colors):
+        points = [(ceiling, savings) for p, _, ceiling, savings in arms if p == part and None not in savings]
+        ax.errorbar([100 * c for c, _ in points], [100 * statistics.mean(s) for _, s in points],
+                    yerr=[100 * statistics.stdev(s) if len(s) > 1 else 0 for _, s in points],
+                    fmt="o", color=color, capsize=3, label=part)
+    for (anchor, (ceiling, saving)), marker in zip(ANCHORS.items(), "*PX"):
+        ax.plot(100 * ceiling, 100 * saving, marker, color="black", ms=10, label=f"{anchor} (reported)")
+    ax.axline((0, 0), slope=1, color="gray", lw=0.8, ls="--", label="saving = ceiling")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set(xlabel="cheap-token ceiling (% of the budget)", ylabel="compute saved at the val bpb both reach (%)",
+           title="measured saving against the cheap-token ceiling")
+    ax.legend(fontsize=8)
+    fig.savefig("experiments/saving_vs_ceiling.png", dpi=120, bbox_inches="tight")
+    return "experiments/saving_vs_ceiling.png"
 
 
 def main():
