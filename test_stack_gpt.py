@@ -1697,15 +1697,19 @@ def test_rank_tests_need_no_normality():
 
 
 def fake_sweep_run(sweep, name, final_bpb, stacked=False):
-    """A finished run's metrics as sweeps.py reads them: val bpb falling in a straight line from 3.0 to final_bpb."""
+    """
+    A finished run's metrics as sweeps.py reads them: val bpb falling in a straight line from 3.0 to final_bpb. A stacked
+    run's plan grows after 20% of the budget from a shallow model at 0.6 of the deep one's FLOPs per token.
+    """
     budget, phase = 8.66e13, ("deep" if stacked else "baseline")
+    plan = {"kind": "plan", "phases": [{"flops": 0.2 * budget, "flops_per_token": 0.6}, {"flops": 0.8 * budget, "flops_per_token": 1}]}
     evals = [{"kind": "eval", "phase": phase, "step": i, "flops": budget * i / 10, "val_bpb": 3.0 + (final_bpb - 3.0) * i / 10}
              for i in range(11)]
     trains = [{"kind": "train", "phase": phase, "step": i, "flops": r["flops"], "loss": r["val_bpb"] * 2} for i, r in enumerate(evals)]
     summary = {"kind": "summary", "val_bpb": {**({"shallow": 1.7} if stacked else {}), phase: final_bpb}, "flops": budget}
     os.makedirs(f"{sweeps.RUNS}/{sweep}/{name}", exist_ok=True)
     with open(f"{sweeps.RUNS}/{sweep}/{name}/metrics.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in trains + evals + [summary])
+        f.writelines(json.dumps(r) + "\n" for r in [plan] * stacked + trains + evals + [summary])
 
 
 def test_sweep_streams_skip_runs_of_other_streams_and_wait_for_them(tmp_path, monkeypatch):
@@ -1817,6 +1821,44 @@ def test_part2_rules_pick_each_step_and_list_the_next(tmp_path, monkeypatch):
         fake_sweep_run("confirm", f"at0.8-wd0.15-s{seed}", 0.999, stacked=True)
     report = "\n".join(sweeps.part2_report())
     assert "stacking (at0.8-wd0.15) does not beat the tuned baseline." in report and "ahead of the baseline in 3 of 8." in report
+
+def test_part3_rules_confirm_an_arm_only_when_it_is_ahead(tmp_path, monkeypatch):
+    """
+    Part 3, step 2 (experiments.md) on made-up results: an arm goes on to the fresh seeds only if its paired mean over
+    seeds 0-2 is below zero; the parabola through growth at 20% at three LRs; each arm beside its cheap-token ceiling.
+    """
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweeps, "tuned_settings", lambda: ("8", "0.5"))
+    names = lambda sweep: [name for name, _ in sweeps.sweeps()[sweep]]
+    arms = ("at0.2-lr5.66", "at0.2-lr11.3", "at0.1")
+    assert names("tune-stacked") == [f"{arm}-s{s}" for arm in arms for s in (0, 1, 2)] and names("confirm-stacked") == []
+    for seed, (sweep, name) in enumerate([("tune-lr", "lr8-s0"), ("tune-lr", "lr8-s1"), ("grow-at", "baseline-s2")]):
+        fake_sweep_run(sweep, name, 0.990)
+        fake_sweep_run("grow-at", f"at0.2-s{seed}", 0.993, stacked=True)
+        for arm, bpb in zip(arms, (0.995, 0.997, 0.9885 + 0.0005 * seed)):  # at0.1: ahead by 0.001 on average
+            if (arm, seed) != ("at0.1", 2):
+                fake_sweep_run("tune-stacked", f"{arm}-s{seed}", bpb, stacked=True)
+    assert sweeps.arms_ahead("8", "0.5") is None and names("confirm-stacked") == []  # at0.1-s2 is still running
+    fake_sweep_run("tune-stacked", "at0.1-s2", 0.9895, stacked=True)
+    assert sweeps.arms_ahead("8", "0.5") == ["at0.1"]
+    fresh = range(8, 14)
+    assert names("confirm-stacked") == [f"baseline-s{s}" for s in fresh] + [f"at0.1-s{s}" for s in fresh]
+    # by hand, for LRs half an octave apart: the vertex sits h (y- - y+) / (2 (y- - 2 y0 + y+)) = -1/12 octave from x8,
+    # and the curvature (y- - 2 y0 + y+) / (2 h^2) = 0.012 per octave squared puts it 0.012 / 144 below x8's value
+    report = "\n".join(sweeps.part3_report())
+    best, gain = map(float, re.search(r"best --lr-scale ([0-9.]+), ([-+][0-9.]+) bpb", report).groups())
+    assert best == pytest.approx(8 * 2 ** (-1 / 12), rel=2e-3) and gain == -0.0001
+    assert "By the rule (paired mean below zero): at0.1 goes on to seeds 8-13." in report
+    assert "| at0.1 | 10% | 8 | 3 | 0.9890 ± 0.0005 | -0.0010 ± 0.0012, worse in 0/3 seeds: no significant difference |" in report
+    assert "| Part 3 | at0.1 | 3 | 13.3% |" in report and "| Part 2 | at0.2 | 3 | 13.3% | " in report  # 0.2 * (1 / 0.6 - 1)
+    for seed in fresh:
+        fake_sweep_run("confirm-stacked", f"baseline-s{seed}", 0.990 + 0.0001 * seed)
+        fake_sweep_run("confirm-stacked", f"at0.1-s{seed}", 0.988 + 0.0001 * seed + 0.0005 * (seed % 2), stacked=True)
+    assert "Verdict: at0.1 beats the tuned baseline." in "\n".join(sweeps.part3_report())
+    for seed in fresh:
+        fake_sweep_run("confirm-stacked", f"at0.1-s{seed}", 0.991, stacked=True)
+    assert "Verdict: at0.1 does not beat the tuned baseline." in "\n".join(sweeps.part3_report())
+
 
 # -----------------------------------------------------------------------------
 # prepare_data.py: datasets, tokenizer, shards and the train/val windows (helpers first)
