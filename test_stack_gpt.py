@@ -1860,6 +1860,39 @@ def test_part3_rules_confirm_an_arm_only_when_it_is_ahead(tmp_path, monkeypatch)
     assert "Verdict: at0.1 does not beat the tuned baseline." in "\n".join(sweeps.part3_report())
 
 
+def test_part3_room_rules_tune_the_baseline_then_the_growth_point_then_its_lr(tmp_path, monkeypatch):
+    """Part 3, step 3 (experiments.md) on made-up results: each rule's choice, and the runs it adds."""
+    monkeypatch.chdir(tmp_path)
+    names = lambda sweep: [name for name, _ in sweeps.sweeps()[sweep]]
+    assert names("room-lr") == [f"lr{m}-s{s}" for s in (0, 1) for m in ("8", "4", "16")] and names("room-grow") == []
+    assert "data/pylibs-512" in sweeps.command("room-lr", "lr8-s0", sweeps.sweeps()["room-lr"][0][1])
+    for seed in (0, 1):
+        for scale, bpb in {"8": 1.000, "4": 1.010, "16": 0.9985}.items():  # x16 better by 0.0015: a tie, x8 stays
+            fake_sweep_run("room-lr", f"lr{scale}-s{seed}", bpb)
+    assert sweeps.room_lr() == "8" and names("room-grow") == [f"at{x}-s{s}" for x in ("0.1", "0.2", "0.4") for s in (0, 1)]
+    flags = dict(sweeps.sweeps()["room-grow"])["at0.2-s0"]
+    assert flags[:4] == ["--data", "data/pylibs-512", "--depth", "1"] and sweeps.flag_value(flags, "--grow-at") == "0.2"
+    for seed in (0, 1):
+        for share, bpb in {"0.1": 1.002, "0.2": 0.997, "0.4": 1.004}.items():
+            fake_sweep_run("room-grow", f"at{share}-s{seed}", bpb, stacked=True)
+    assert names("room-grow")[6:] == ["at0.2-lr5.66-s0", "at0.2-lr5.66-s1", "at0.2-lr11.3-s0", "at0.2-lr11.3-s1"]
+    assert sweeps.best_room_arm("8") is None and names("room-confirm") == []  # the LR arms are still to run
+    for seed in (0, 1):
+        fake_sweep_run("room-grow", f"at0.2-lr5.66-s{seed}", 0.999, stacked=True)
+        fake_sweep_run("room-grow", f"at0.2-lr11.3-s{seed}", 0.996, stacked=True)
+    assert sweeps.best_room_arm("8") == "at0.2-lr11.3"
+    fresh = range(8, 14)
+    assert names("room-confirm") == [f"baseline-s{s}" for s in fresh] + [f"at0.2-lr11.3-s{s}" for s in fresh]
+    assert sweeps.flag_value(dict(sweeps.sweeps()["room-confirm"])["baseline-s8"], "--lr-scale") == "8"
+    report = "\n".join(sweeps.part3_report())
+    assert "| at0.2-lr11.3 | 20% | 11.3 | 2 | 0.9960 ± 0.0000 | -0.0040 ± 0.0000, worse in 0/2 seeds: better |" in report
+    assert "| Part 3, room | at0.2-lr11.3 | 2 | 13.3% |" in report  # fake plans: 0.2 * (1 / 0.6 - 1)
+    for seed in fresh:
+        fake_sweep_run("room-confirm", f"baseline-s{seed}", 1.0 + 0.001 * seed)
+        fake_sweep_run("room-confirm", f"at0.2-lr11.3-s{seed}", 1.0 + 0.001 * seed + 0.0005 * (-1) ** seed, stacked=True)
+    assert "Verdict: at0.2-lr11.3 does not beat the tuned baseline." in "\n".join(sweeps.part3_report())
+
+
 # -----------------------------------------------------------------------------
 # prepare_data.py: datasets, tokenizer, shards and the train/val windows (helpers first)
 

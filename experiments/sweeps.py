@@ -33,7 +33,7 @@ DATA = "data/pylibs-2048"
 PREPARE = "python prepare_data.py --dataset pylibs --vocab-size 2048 --name pylibs-2048"
 # One CPU-scale family for every sweep: target depth 4 at width 128 (4 heads of 32), context 256,
 # 4096-token batches. The shallow d2s4 costs 0.60 of the d4's FLOPs per token, as d6s12 does of d12.
-FAMILY = ["--data", DATA, "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "256", "--device-batch-size", "16",
+FAMILY = ["--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "256", "--device-batch-size", "16",
           "--total-batch-size", "4096", "--eval-every", "100", "--eval-tokens", "131072", "--log-every", "10"]
 SEEDS = (0, 1, 2)
 SHALLOW_RATIOS = (1.25, 2.25, 3.25, 4.25, 5.25)
@@ -62,6 +62,14 @@ CONFIRM_SEEDS = tuple(range(8))
 # 10% at it; seeds 0-2 against the tuned baselines of those seeds. An arm ahead on average is confirmed on fresh seeds.
 STACKED_TUNING = {"at0.2-lr5.66": ("0.2", "5.66"), "at0.2-lr11.3": ("0.2", "11.3"), "at0.1": ("0.1", None)}
 FRESH_SEEDS = tuple(range(8, 14))  # used by no selection before the confirmation
+# Part 3, step 3: a configuration with room. d1 -> d4 (g = 4) with a 512-token BPE, where the d1 costs 0.29 of the d4
+# per token (Part 2's d2s4: 0.60). Its own baseline LR first (ties go to Part 2's x8), then the growth point at that
+# LR, then the best point half an octave either side of it; seeds 0-1 each. The best arm then meets the fresh seeds.
+ROOM_DATA = "data/pylibs-512"
+DATASETS = {DATA: PREPARE, ROOM_DATA: "python prepare_data.py --dataset pylibs --vocab-size 512 --name pylibs-512"}
+ROOM_LR_SCALES, ROOM_DEFAULT_LR = ("8", "4", "16"), "8"
+ROOM_SHARES = ("0.1", "0.2", "0.4")
+ROOM_STACKED = ["--depth", "1", "--stack-to", "4"]
 RUNNING_SECONDS = 600  # a metrics file written this recently belongs to a run in progress (see running_elsewhere)
 
 
@@ -108,7 +116,43 @@ def sweeps():
         confirm_stacked += [(f"{name}-s{s}", arms[name] + ["--seed", str(s)]) for name in ahead for s in FRESH_SEEDS]
     return {"fixed-flops": fixed, "recipes": recipes, "warmdown": warmdown, "miniseries": mini, "tune-lr": tune_lr,
             "tune-warmdown": tune_warmdown, "grow-at": grow_at, "confirm": confirm, "tune-stacked": tune_stacked,
-            "confirm-stacked": confirm_stacked}
+            "confirm-stacked": confirm_stacked, **room_sweeps()}
+
+
+def room_sweeps():
+    """Part 3, step 3's runs, each step listed once the rule before it has decided."""
+    baseline = ["--data", ROOM_DATA, "--depth", "4", "--warmdown-ratio", "0.5", "--lr-scale"]
+    room_lr = [(f"lr{m}-s{s}", baseline + [m, "--seed", str(s)]) for s in TUNING_SEEDS
+               for m in lr_scales("room-lr", ROOM_LR_SCALES, ROOM_DEFAULT_LR)]
+    lr = tuned_lr_scale("room-lr", ROOM_LR_SCALES, ROOM_DEFAULT_LR)
+    arms = room_arms(lr) if lr else {}
+    best = best_room_arm(lr) if lr else None
+    grow = [(f"{name}-s{s}", flags + ["--seed", str(s)]) for name, flags in arms.items() for s in TUNING_SEEDS]
+    confirm = [(f"baseline-s{s}", baseline + [lr, "--seed", str(s)]) for s in FRESH_SEEDS if best]
+    confirm += [(f"{best}-s{s}", arms[best] + ["--seed", str(s)]) for s in FRESH_SEEDS if best]
+    return {"room-lr": room_lr, "room-grow": grow, "room-confirm": confirm}
+
+
+def room_arms(lr):
+    """
+    {arm: flags} of the growth runs so far: growth at each of ROOM_SHARES at the baseline's LR, and once those have
+    finished, the best of them (lowest mean final val bpb, seeds 0-1) at the LRs half an octave either side.
+    """
+    arms = {f"at{share}": ["--data", ROOM_DATA] + growth_flags(share, lr, "0.5", ROOM_STACKED) for share in ROOM_SHARES}
+    means = {name: mean_over_seeds("room-grow", name, TUNING_SEEDS) for name in arms}
+    if None in means.values():
+        return arms
+    best = min(means, key=means.get)
+    for other in (float(lr) / math.sqrt(2), float(lr) * math.sqrt(2)):
+        arms[f"{best}-lr{other:.3g}"] = ["--data", ROOM_DATA] + growth_flags(best[2:], f"{other:.3g}", "0.5", ROOM_STACKED)
+    return arms
+
+
+def best_room_arm(lr):
+    """The growth arm with the lowest mean final val bpb over seeds 0-1 once all five have finished, else None."""
+    arms = room_arms(lr)
+    means = {name: mean_over_seeds("room-grow", name, TUNING_SEEDS) for name in arms}
+    return None if len(arms) < len(ROOM_SHARES) + 2 or None in means.values() else min(means, key=means.get)
 
 
 def growth_arms(lr, warmdown):
@@ -124,8 +168,8 @@ def growth_arms(lr, warmdown):
     return arms
 
 
-def growth_flags(share, lr, warmdown):
-    return STACKED + ["--schedule", "global", "--grow-at", share, "--lr-scale", lr, "--warmdown-ratio", warmdown, "--eval-every", "50"]
+def growth_flags(share, lr, warmdown, stacked=STACKED):
+    return stacked + ["--schedule", "global", "--grow-at", share, "--lr-scale", lr, "--warmdown-ratio", warmdown, "--eval-every", "50"]
 
 
 def stacked_tuning_arms(lr, warmdown):
@@ -172,25 +216,25 @@ def pick(means, default):
     return min(near, key=lambda c: (abs(math.log(float(c) / float(default))), means[c]))
 
 
-def lr_scales():
-    """LR_SCALES, extended by a factor of 2 past whichever edge wins, until the winner is inside the range."""
-    scales = list(LR_SCALES)
+def lr_scales(sweep="tune-lr", first=LR_SCALES, default="1"):
+    """`first`, extended by a factor of 2 past whichever edge wins (runs lr<m>-s<seed> of `sweep`), until the winner is inside."""
+    scales = list(first)
     while True:
-        means = {m: mean_over_seeds("tune-lr", f"lr{m}", TUNING_SEEDS) for m in scales}
+        means = {m: mean_over_seeds(sweep, f"lr{m}", TUNING_SEEDS) for m in scales}
         if None in means.values():
             return scales
         edges = sorted(scales, key=float)
-        winner = pick(means, "1")
+        winner = pick(means, default)
         if winner not in (edges[0], edges[-1]):
             return scales
         scales.append(f"{float(winner) * (2 if winner == edges[-1] else 0.5):g}")
 
 
-def tuned_lr_scale():
-    """The winning --lr-scale, or None while tune-lr is unfinished."""
-    scales = lr_scales()
-    means = {m: mean_over_seeds("tune-lr", f"lr{m}", TUNING_SEEDS) for m in scales}
-    return None if None in means.values() else pick(means, "1")
+def tuned_lr_scale(sweep="tune-lr", first=LR_SCALES, default="1"):
+    """The winning --lr-scale, or None while the sweep is unfinished."""
+    scales = lr_scales(sweep, first, default)
+    means = {m: mean_over_seeds(sweep, f"lr{m}", TUNING_SEEDS) for m in scales}
+    return None if None in means.values() else pick(means, default)
 
 
 def tuned_settings():
@@ -219,7 +263,8 @@ def flag_value(flags, flag):
 
 
 def command(sweep, name, flags):
-    return ["python", "stack_gpt.py"] + FAMILY + flags + ["--out-dir", f"{RUNS}/{sweep}/{name}"]
+    data = [] if "--data" in flags else ["--data", DATA]  # Part 3's configuration with room names its own
+    return ["python", "stack_gpt.py"] + data + FAMILY + flags + ["--out-dir", f"{RUNS}/{sweep}/{name}"]
 
 
 def metrics_path(sweep, name):
@@ -303,8 +348,10 @@ def next_run(names, seeds):
 
 
 def run(names, seeds):
-    if not os.path.exists(f"{DATA}/meta.json"):
-        subprocess.run(PREPARE.split(), check=True)
+    needed = {flag_value(command(sweep, name, flags), "--data") for sweep in names for name, flags in selected(sweep, seeds)}
+    for data in sorted(needed):
+        if not os.path.exists(f"{data}/meta.json"):
+            subprocess.run(DATASETS[data].split(), check=True)
     while claimed := next_run(names, seeds):  # claimed anew after every run: a finished step of Part 2 can add runs
         if claimed == "wait":
             print(f"waiting for the runs of other streams ({' '.join(names)})", flush=True)
@@ -727,6 +774,8 @@ def equal_flops_arms():
     if tuned:
         arms += [("Part 2", arm, growth_run, tuned_baseline, CONFIRM_SEEDS) for arm in growth_arms(*tuned)]
         arms += [("Part 3", arm, stacked_run, tuned_baseline, GROWTH_SEEDS + FRESH_SEEDS) for arm in stacked_tuning_arms(*tuned)]
+    if room_lr():
+        arms += [("Part 3, room", arm, room_run, room_baseline, TUNING_SEEDS + FRESH_SEEDS) for arm in room_arms(room_lr())]
     found = []
     for part, arm, run_of, baseline_of, seeds in arms:
         rows = seed_rows(lambda s: run_of(arm, s), baseline_of, seeds)
@@ -766,44 +815,99 @@ def lr_parabola(lr, warmdown):
     return 2 ** vertex, float(np.polyval([a, b, c], vertex) - np.polyval([a, b, c], math.log2(float(lr))))
 
 
-def part3_report():
-    """Part 3's tables: step 2's arms against the tuned baseline, the rule's choice, and every arm against its ceiling."""
-    tuned, out = tuned_settings(), []
-    if not tuned:
-        return out
-    baselines = {s: tuned_baseline(s) for s in GROWTH_SEEDS}
-    lines = []
-    for arm, flags in stacked_tuning_arms(*tuned).items():
-        rows = seed_rows(lambda s: stacked_run(arm, s), baselines.get, GROWTH_SEEDS)
+def stacked_arm_table(arms, run_of, baseline_of, seeds):
+    """Part 3: a row per arm with a finished seed, each seed against its own baseline seed, and the arm's ceiling."""
+    lines = ["| arm | grows at | --lr-scale | seeds | final val bpb | minus tuned baseline's, same seed (95% CI) | "
+             "compute saved at the val bpb both reach (speedup of the mean) | cheap-token ceiling |", "|---|---|---|---|---|---|---|---|"]
+    for arm, flags in arms.items():
+        rows = seed_rows(lambda s: run_of(arm, s), baseline_of, seeds)
         if rows:
             lines.append(f"| {arm} | {float(flag_value(flags, '--grow-at')):.0%} | {flag_value(flags, '--lr-scale')} | "
                          f"{len(rows)} | {mean_std([r['val_bpb'] for r in rows.values()])} | "
                          f"{paired_difference([r['val_bpb'] - r['baseline_val_bpb'] for r in rows.values()])} | "
                          f"{saving_with_speedup([matched_saving(r) for r in rows.values()])} | "
-                         f"{100 * ceiling_of(stacked_run(arm, next(iter(rows)))):.1f}% |")
-    if lines:
-        out += [f"## Part 3, step 2: the stacked arm tuned (d2s4 -> d4, one LR schedule, warmdown {tuned[1]}; seeds "
-                f"{', '.join(map(str, GROWTH_SEEDS))} against the tuned baseline)", "",
-                "| arm | grows at | --lr-scale | seeds | final val bpb | minus tuned baseline's, same seed (95% CI) | "
-                "compute saved at the val bpb both reach (speedup of the mean) | cheap-token ceiling |",
-                "|---|---|---|---|---|---|---|---|"] + lines + [""]
-    parabola = lr_parabola(*tuned)
+                         f"{100 * ceiling_of(run_of(arm, next(iter(rows)))):.1f}% |")
+    return lines + [""] if len(lines) > 2 else []
+
+
+def fresh_seed_verdict(arm, run_of, baseline_of):
+    """Part 3: an arm against the baseline on the fresh seeds, once all have finished: the tests and the rule's verdict."""
+    rows = seed_rows(lambda s: run_of(arm, s), baseline_of, FRESH_SEEDS)
+    if len(rows) < len(FRESH_SEEDS):
+        return []
+    arm_bpb, base_bpb = [r["val_bpb"] for r in rows.values()], [r["baseline_val_bpb"] for r in rows.values()]
+    mean, half, _, _ = paired_test([a - b for a, b in zip(arm_bpb, base_bpb)])
+    savings = saving_with_speedup([matched_saving(r) for r in rows.values()])
+    return ([f"Compute saved over seeds {FRESH_SEEDS[0]}-{FRESH_SEEDS[-1]} (mean ± std): {savings}.", ""] + confirm_tests(arm_bpb, base_bpb)
+            + ["", f"Verdict: {arm} {'beats' if mean + half < 0 else 'does not beat'} the tuned baseline.", ""])
+
+
+def part3_report():
+    """Part 3's tables: step 2's arms and the rule's choice, step 3's tuning and growth, every arm against its ceiling."""
+    tuned = tuned_settings()
+    out = (stacked_tuning_report(*tuned) if tuned else []) + room_report()
+    return out + ["## Every equal-FLOPs arm against its cheap-token ceiling", ""] + ceiling_table(equal_flops_arms()) + [""]
+
+
+def stacked_tuning_report(lr, warmdown):
+    """Part 3, step 2: the stacked arm at its own LRs and growth at 10%, the parabola, the rule and its confirmation."""
+    out, baselines = [], {s: tuned_baseline(s) for s in GROWTH_SEEDS}
+    table = stacked_arm_table(stacked_tuning_arms(lr, warmdown), stacked_run, baselines.get, GROWTH_SEEDS)
+    if table:
+        out += [f"## Part 3, step 2: the stacked arm tuned (d2s4 -> d4, one LR schedule, warmdown {warmdown}; seeds "
+                f"{', '.join(map(str, GROWTH_SEEDS))} against the tuned baseline)", ""] + table
+    parabola = lr_parabola(lr, warmdown)
     if parabola:
         out += [f"Parabola in log2(LR) through growth at 20% at the three LRs (mean of seeds 0-2): best --lr-scale "
-                f"{parabola[0]:.2f}, {parabola[1]:+.4f} bpb against ×{tuned[0]} (reported, not a rule).", ""]
-    ahead = arms_ahead(*tuned)
+                f"{parabola[0]:.2f}, {parabola[1]:+.4f} bpb against ×{lr} (reported, not a rule).", ""]
+    ahead = arms_ahead(lr, warmdown)
     if ahead is not None:
         out += [f"By the rule (paired mean below zero): {', '.join(ahead) or 'no arm'} goes on to seeds "
                 f"{FRESH_SEEDS[0]}-{FRESH_SEEDS[-1]}.", ""]
     for arm in ahead or []:
-        rows = seed_rows(lambda s: stacked_run(arm, s), tuned_baseline, FRESH_SEEDS)
-        if len(rows) == len(FRESH_SEEDS):
-            arm_bpb, base_bpb = [r["val_bpb"] for r in rows.values()], [r["baseline_val_bpb"] for r in rows.values()]
-            mean, half, _, _ = paired_test([a - b for a, b in zip(arm_bpb, base_bpb)])
-            out += [f"## Part 3, step 2: {arm} against the tuned baseline, fresh seeds", ""] + confirm_tests(arm_bpb, base_bpb)
-            out += ["", f"Verdict: {arm} {'beats' if mean + half < 0 else 'does not beat'} the tuned baseline.", ""]
-    arms = equal_flops_arms()
-    out += ["## Every equal-FLOPs arm against its cheap-token ceiling", ""] + ceiling_table(arms) + [""]
+        verdict = fresh_seed_verdict(arm, stacked_run, tuned_baseline)
+        out += ([f"## Part 3, step 2: {arm} against the tuned baseline, fresh seeds", ""] + verdict) if verdict else []
+    return out
+
+
+def room_lr():
+    """Step 3's tuned --lr-scale, or None while its tuning is unfinished."""
+    return tuned_lr_scale("room-lr", ROOM_LR_SCALES, ROOM_DEFAULT_LR)
+
+
+def room_baseline(seed):
+    """The records of step 3's tuned baseline of this seed (seeds 0-1: its winning tuning runs), or None until finished."""
+    lr = room_lr()
+    if lr is None:
+        return None
+    sweep, name = ("room-lr", f"lr{lr}") if seed in TUNING_SEEDS else ("room-confirm", "baseline")
+    return finished_records(sweep, f"{name}-s{seed}")
+
+
+def room_run(arm, seed):
+    """The records of a step 3 growth arm's run of this seed (seeds 0-1 in room-grow, the fresh ones in room-confirm)."""
+    return finished_records("room-grow" if seed in TUNING_SEEDS else "room-confirm", f"{arm}-s{seed}")
+
+
+def room_report():
+    """Part 3, step 3: the baseline's LR, the growth arms against it, and the best arm on the fresh seeds."""
+    if not any(finished("room-lr", name) for name, _ in sweeps()["room-lr"]):
+        return []
+    scales = lr_scales("room-lr", ROOM_LR_SCALES, ROOM_DEFAULT_LR)
+    out = ["## Part 3, step 3: the baseline's LR (d4, 512-token vocab, warmdown 0.5)", ""]
+    out += tuning_table("--lr-scale", {m: ("room-lr", f"lr{m}") for m in sorted(scales, key=float)}) + [""]
+    lr = room_lr()
+    if not lr:
+        return out
+    out += [f"Winner by the rule (lowest mean, ties within {TIE} to ×{ROOM_DEFAULT_LR}): --lr-scale {lr}.", ""]
+    table = stacked_arm_table(room_arms(lr), room_run, room_baseline, TUNING_SEEDS)
+    if table:
+        out += ["## Part 3, step 3: d1 -> d4 with a 512-token vocab, growth arms (seeds 0-1 against the tuned baseline)", ""] + table
+    best = best_room_arm(lr)
+    if best:
+        out += [f"Best arm by the rule (lowest mean final val bpb over seeds 0-1): {best}.", ""]
+        verdict = fresh_seed_verdict(best, room_run, room_baseline)
+        out += ([f"## Part 3, step 3: {best} against the tuned baseline, fresh seeds", ""] + verdict) if verdict else []
     return out
 
 
