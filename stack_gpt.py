@@ -1038,11 +1038,14 @@ def cheap_token_ceiling(shallow, deep, total_flops):
     """
     The saving that growth gives if its whole gain is that the shallow phase's tokens cost less. Were a
     shallow token to teach as much as a deep one, the run would reach the baseline's final loss having
-    paid f_shallow instead of f_deep for each shallow token: shallow.flops * (f_deep / f_shallow - 1) saved.
+    paid f_shallow instead of f_deep for each shallow token: shallow.flops * (f_deep / f_shallow - 1)
+    saved, of the baseline's total_flops (a plan's own total: the baseline that spends the same). A shallow
+    phase with as many tokens as the whole baseline gets there before growing: 1 - f_shallow / f_deep.
     A reference, not a bound: a larger saving means the shallow model learned more per token, the growth
     itself helped, or the baseline was weak. In the acceleration report's units: speedup = s / (1 - s).
     """
-    return shallow.flops / total_flops * (deep.flops_per_token / shallow.flops_per_token - 1)
+    cost = shallow.flops_per_token / deep.flops_per_token  # of a deep token, for each shallow one
+    return min(shallow.flops / total_flops * (1 / cost - 1), 1 - cost)
 
 
 def describe_plan(phases, args, meta, flops_before=0):
@@ -1053,9 +1056,8 @@ def describe_plan(phases, args, meta, flops_before=0):
     tokens = [p.batch_size * p.steps for p in phases]
     total_flops = flops_before + sum(p.flops for p in phases)
     epochs = sum(tokens) / meta["train_tokens"]
-    total = f"total: {total_flops:.3e} FLOPs, {sum(tokens):,} tokens"
-    if epochs > 1:
-        total += f" = {epochs:.2f} epochs of the {meta['train_tokens']:,} train tokens"
+    total = f"total: {total_flops:.3e} FLOPs, {sum(tokens):,} tokens" + (
+        f" = {epochs:.2f} epochs of the {meta['train_tokens']:,} train tokens" if epochs > 1 else "")
     if args.schedule == "global":
         total += f" | one LR schedule over the whole run, warmdown {args.warmdown_ratio}"
     lines.append(total)

@@ -594,8 +594,14 @@ def test_a_stacked_plan_states_its_cheap_token_ceiling():
     assert round(ceiling, 4) == 0.1334 and round(ceiling / (1 - ceiling), 4) == 0.1539  # saving, speedup
     plan = sg.describe_plan([shallow, deep], args, {"train_tokens": 19_464_830})
     assert "growth after 20.0% of the FLOPs | cheap-token ceiling 13.3% saved (speedup 15.4%)" in plan
-    baseline_args, baseline = plan_args(["--depth", "4"])
+    baseline_args, baseline = plan_args(["--depth", "4"] + family, 2048)
     assert "ceiling" not in sg.describe_plan(baseline, baseline_args, {"train_tokens": 1})
+    # growth after 80%: the shallow phase alone reads more tokens than the baseline's whole run, so it gets there
+    # first, having paid f_shallow / f_deep of the baseline's compute
+    args, (shallow, deep) = plan_args(["--depth", "2", "--stack-to", "4", "--grow-at", "0.8"] + family, 2048)
+    assert shallow.steps == 3584 > baseline[0].steps == 2688
+    assert sg.cheap_token_ceiling(shallow, deep, baseline[0].flops) == pytest.approx(1 - f_shallow / f_deep, rel=1e-12)
+    assert "cheap-token ceiling 40.0% saved (speedup 66.7%)" in sg.describe_plan([shallow, deep], args, {"train_tokens": 1})
 
 
 def test_a_gpu_sized_plan_on_a_cpu_says_what_it_costs():
@@ -1696,13 +1702,14 @@ def test_rank_tests_need_no_normality():
 
 
 
-def fake_sweep_run(sweep, name, final_bpb, stacked=False):
+def fake_sweep_run(sweep, name, final_bpb, stacked=False, grow_at=0.2):
     """
     A finished run's metrics as sweeps.py reads them: val bpb falling in a straight line from 3.0 to final_bpb. A stacked
-    run's plan grows after 20% of the budget from a shallow model at 0.6 of the deep one's FLOPs per token.
+    run's plan grows after `grow_at` of the budget from a shallow model at 0.6 of the deep one's FLOPs per token.
     """
     budget, phase = 8.66e13, ("deep" if stacked else "baseline")
-    plan = {"kind": "plan", "phases": [{"flops": 0.2 * budget, "flops_per_token": 0.6}, {"flops": 0.8 * budget, "flops_per_token": 1}]}
+    shallow, deep = {"flops": grow_at * budget, "flops_per_token": 0.6}, {"flops": (1 - grow_at) * budget, "flops_per_token": 1}
+    plan = {"kind": "plan", "phases": [shallow, deep]}
     evals = [{"kind": "eval", "phase": phase, "step": i, "flops": budget * i / 10, "val_bpb": 3.0 + (final_bpb - 3.0) * i / 10}
              for i in range(11)]
     trains = [{"kind": "train", "phase": phase, "step": i, "flops": r["flops"], "loss": r["val_bpb"] * 2} for i, r in enumerate(evals)]
@@ -1837,9 +1844,9 @@ def test_part3_rules_confirm_an_arm_only_when_it_is_ahead(tmp_path, monkeypatch)
         fake_sweep_run("grow-at", f"at0.2-s{seed}", 0.993, stacked=True)
         for arm, bpb in zip(arms, (0.995, 0.997, 0.9885 + 0.0005 * seed)):  # at0.1: ahead by 0.001 on average
             if (arm, seed) != ("at0.1", 2):
-                fake_sweep_run("tune-stacked", f"{arm}-s{seed}", bpb, stacked=True)
+                fake_sweep_run("tune-stacked", f"{arm}-s{seed}", bpb, stacked=True, grow_at=float(arm[2:5]))
     assert sweeps.arms_ahead("8", "0.5") is None and names("confirm-stacked") == []  # at0.1-s2 is still running
-    fake_sweep_run("tune-stacked", "at0.1-s2", 0.9895, stacked=True)
+    fake_sweep_run("tune-stacked", "at0.1-s2", 0.9895, stacked=True, grow_at=0.1)
     assert sweeps.arms_ahead("8", "0.5") == ["at0.1"]
     fresh = range(8, 14)
     assert names("confirm-stacked") == [f"baseline-s{s}" for s in fresh] + [f"at0.1-s{s}" for s in fresh]
@@ -1848,15 +1855,18 @@ def test_part3_rules_confirm_an_arm_only_when_it_is_ahead(tmp_path, monkeypatch)
     report = "\n".join(sweeps.part3_report())
     best, gain = map(float, re.search(r"best --lr-scale ([0-9.]+), ([-+][0-9.]+) bpb", report).groups())
     assert best == pytest.approx(8 * 2 ** (-1 / 12), rel=2e-3) and gain == -0.0001
+    assert "where at0.2 ends +0.0030 behind the tuned baseline." in report and "extrapolation" not in report
     assert "By the rule (paired mean below zero): at0.1 goes on to seeds 8-13." in report
     assert "| at0.1 | 10% | 8 | 3 | 0.9890 ± 0.0005 | -0.0010 ± 0.0012, worse in 0/3 seeds: no significant difference |" in report
-    assert "| Part 3 | at0.1 | 3 | 13.3% |" in report and "| Part 2 | at0.2 | 3 | 13.3% | " in report  # 0.2 * (1 / 0.6 - 1)
+    assert "| Part 3 | at0.1 | 3 | 6.7% |" in report and "| Part 2 | at0.2 | 3 | 13.3% | " in report  # 0.1 and 0.2 * (1 / 0.6 - 1)
     for seed in fresh:
         fake_sweep_run("confirm-stacked", f"baseline-s{seed}", 0.990 + 0.0001 * seed)
-        fake_sweep_run("confirm-stacked", f"at0.1-s{seed}", 0.988 + 0.0001 * seed + 0.0005 * (seed % 2), stacked=True)
-    assert "Verdict: at0.1 beats the tuned baseline." in "\n".join(sweeps.part3_report())
+        fake_sweep_run("confirm-stacked", f"at0.1-s{seed}", 0.988 + 0.0001 * seed + 0.0005 * (seed % 2), stacked=True, grow_at=0.1)
+    report = "\n".join(sweeps.part3_report())
+    assert "Verdict: at0.1 beats the tuned baseline." in report and "its cheap-token ceiling: 6.7%." in report
+    assert "| Part 3, fresh seeds | at0.1 | 6 | 6.7% |" in report and "| Part 3 | at0.1 | 3 | 6.7% |" in report
     for seed in fresh:
-        fake_sweep_run("confirm-stacked", f"at0.1-s{seed}", 0.991, stacked=True)
+        fake_sweep_run("confirm-stacked", f"at0.1-s{seed}", 0.991, stacked=True, grow_at=0.1)
     assert "Verdict: at0.1 does not beat the tuned baseline." in "\n".join(sweeps.part3_report())
 
 
