@@ -1865,6 +1865,10 @@ def test_part3_rules_confirm_an_arm_only_when_it_is_ahead(tmp_path, monkeypatch)
     report = "\n".join(sweeps.part3_report())
     assert "Verdict: at0.1 beats the tuned baseline." in report and "its cheap-token ceiling: 6.7%." in report
     assert "| Part 3, fresh seeds | at0.1 | 6 | 6.7% |" in report and "| Part 3 | at0.1 | 3 | 6.7% |" in report
+    assert "| 8 | 0.9908 | 0.9888 | -0.0020 |" in report and "| 13 | 0.9913 | 0.9898 | -0.0015 |" in report
+    # the fake curves are straight lines at the same FLOPs, so the mean difference grows with the share: -0.00175 x share
+    assert "during the run (val bpb at equal FLOPs, mean of the seeds; share of the budget): at 25% -0.0004 (6 of 6 " \
+           "ahead), at 50% -0.0009 (6 of 6 ahead), at 75% -0.0013 (6 of 6 ahead)" in report
     for seed in fresh:
         fake_sweep_run("confirm-stacked", f"at0.1-s{seed}", 0.991, stacked=True, grow_at=0.1)
     assert "Verdict: at0.1 does not beat the tuned baseline." in "\n".join(sweeps.part3_report())

@@ -684,11 +684,7 @@ def confirm_section(best):
     """Part 2, step 3: the best growth arm against the tuned baseline seed by seed, the tests, and the rule's verdict."""
     baselines = {s: tuned_baseline(s) for s in CONFIRM_SEEDS}
     rows = seed_rows(lambda s: growth_run(best, s), baselines.get, CONFIRM_SEEDS)
-    lines = [f"| seed | tuned baseline val bpb | {best} val bpb | difference | compute saved at the val bpb both reach | speedup |",
-             "|---|---|---|---|---|---|"]
-    for s, r in rows.items():
-        lines.append(f"| {s} | {r['baseline_val_bpb']:.4f} | {r['val_bpb']:.4f} | {r['val_bpb'] - r['baseline_val_bpb']:+.4f} | "
-                     f"{pct(matched_saving(r))} | {pct(speedup(matched_saving(r)))} |")
+    lines = seed_by_seed(best, rows)
     if len(rows) < 2:
         return lines
     arm, base = [r["val_bpb"] for r in rows.values()], [r["baseline_val_bpb"] for r in rows.values()]
@@ -698,7 +694,7 @@ def confirm_section(best):
     lines += ["", f"Compute saved over the {len(rows)} seeds (mean ± std): "
               f"{saving_with_speedup([matched_saving(r) for r in rows.values()])}; ahead of the baseline in {ahead} of {len(rows)}."]
     lines.append(f"Stacked minus baseline during the run (val bpb at equal FLOPs, mean of the seeds; share of the budget): "
-                 f"{during_the_run(best, baselines.get)}.")
+                 f"{during_the_run(lambda s: growth_run(best, s), baselines.get, CONFIRM_SEEDS)}.")
     if len(rows) < len(CONFIRM_SEEDS):
         verdict = f"none yet ({len(rows)} of {len(CONFIRM_SEEDS)} seeds)"
     else:
@@ -707,10 +703,20 @@ def confirm_section(best):
     return lines + [""] + confirm_tests(arm, base) + ["", f"Verdict ({rule}): {verdict}."]
 
 
-def during_the_run(arm, baseline_of, shares=(0.25, 0.5, 0.75, 1.0)):
-    """The confirmed arm's difference from its seeds' baselines at a few shares of the budget, as text."""
+def seed_by_seed(arm, rows):
+    """The confirmation's table: an arm against the tuned baseline of each seed ({seed: acceleration row})."""
+    lines = [f"| seed | tuned baseline val bpb | {arm} val bpb | difference | compute saved at the val bpb both reach | speedup |",
+             "|---|---|---|---|---|---|"]
+    for s, r in rows.items():
+        lines.append(f"| {s} | {r['baseline_val_bpb']:.4f} | {r['val_bpb']:.4f} | {r['val_bpb'] - r['baseline_val_bpb']:+.4f} | "
+                     f"{pct(matched_saving(r))} | {pct(speedup(matched_saving(r)))} |")
+    return lines
+
+
+def during_the_run(run_of, baseline_of, seeds, shares=(0.25, 0.5, 0.75, 1.0)):
+    """A confirmed arm's difference from its seeds' baselines at a few shares of the budget, as text."""
     import numpy as np  # in requirements.txt
-    curves = seed_differences(arm, baseline_of, CONFIRM_SEEDS).values()
+    curves = seed_differences(run_of, baseline_of, seeds).values()
     cells = []
     for share in shares:
         at_share = [np.interp(share * flops[-1], flops, difference) for flops, difference in curves]
@@ -846,9 +852,12 @@ def fresh_seed_verdict(arm, run_of, baseline_of):
     mean, half, _, _ = paired_test([a - b for a, b in zip(arm_bpb, base_bpb)])
     savings = saving_with_speedup([matched_saving(r) for r in rows.values()])
     ceiling = ceiling_of(run_of(arm, FRESH_SEEDS[0]))
-    return ([f"Compute saved over seeds {FRESH_SEEDS[0]}-{FRESH_SEEDS[-1]} (mean ± std): {savings}; its cheap-token ceiling: "
-             f"{100 * ceiling:.1f}%.", ""] + confirm_tests(arm_bpb, base_bpb)
-            + ["", f"Verdict: {arm} {'beats' if mean + half < 0 else 'does not beat'} the tuned baseline.", ""])
+    trajectory = during_the_run(lambda s: run_of(arm, s), baseline_of, FRESH_SEEDS)
+    lines = seed_by_seed(arm, rows) + [
+        "", f"Compute saved over seeds {FRESH_SEEDS[0]}-{FRESH_SEEDS[-1]} (mean ± std): {savings}; its cheap-token ceiling: "
+        f"{100 * ceiling:.1f}%.", f"{arm} minus the baseline during the run (val bpb at equal FLOPs, mean of the seeds; "
+        f"share of the budget): {trajectory}.", ""]
+    return lines + confirm_tests(arm_bpb, base_bpb) + ["", f"Verdict: {arm} {'beats' if mean + half < 0 else 'does not beat'} the tuned baseline.", ""]
 
 
 def part3_report():
@@ -999,14 +1008,14 @@ def eval_curve(records):
     return [r["flops"] for r in evals], [r["val_bpb"] for r in evals]
 
 
-def seed_differences(arm, baseline_of, seeds):
+def seed_differences(run_of, baseline_of, seeds):
     """
-    {seed: (FLOPs of the arm's evaluations, its val bpb minus its own seed's tuned baseline's at those FLOPs)} for each
+    {seed: (FLOPs of the run's evaluations, its val bpb minus its own seed's tuned baseline's at those FLOPs)} for each
     seed where both have finished. The baseline's curve is taken as linear between its evaluations, 100 steps apart.
     """
     import numpy as np  # in requirements.txt
     differences = {}
-    for seed, (base, run) in paired_runs(lambda s: growth_run(arm, s), baseline_of, seeds).items():
+    for seed, (base, run) in paired_runs(run_of, baseline_of, seeds).items():
         flops, bpb = eval_curve(run)
         differences[seed] = (flops, np.array(bpb) - np.interp(flops, *eval_curve(base)))
     return differences
@@ -1022,7 +1031,7 @@ def plot_differences(plt, arms, seeds, path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for arm, color in zip(arms, plt.cm.tab10.colors):
         differences = []
-        for flops, difference in seed_differences(arm, baselines.get, seeds).values():
+        for flops, difference in seed_differences(lambda s, arm=arm: growth_run(arm, s), baselines.get, seeds).values():
             differences.append(difference)
             ax.plot(flops, difference, color=color, lw=0.5, alpha=0.5)
         if differences:  # an arm's seeds evaluate at the same FLOPs, so the mean goes point by point
