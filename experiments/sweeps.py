@@ -130,7 +130,9 @@ def room_sweeps():
     grow = [(f"{name}-s{s}", flags + ["--seed", str(s)]) for name, flags in arms.items() for s in TUNING_SEEDS]
     confirm = [(f"baseline-s{s}", baseline + [lr, "--seed", str(s)]) for s in FRESH_SEEDS if best]
     confirm += [(f"{best}-s{s}", arms[best] + ["--seed", str(s)]) for s in FRESH_SEEDS if best]
-    return {"room-lr": room_lr, "room-grow": grow, "room-confirm": confirm}
+    # a control added after the verdict: the stacked d4 has a value embedding in every layer, the baseline in two
+    every_layer_ve = [(f"baseline-s{s}", baseline + [lr, "--seed", str(s)]) for s in FRESH_SEEDS if best]
+    return {"room-lr": room_lr, "room-grow": grow, "room-confirm": confirm, "room-ve": every_layer_ve}
 
 
 def room_arms(lr):
@@ -264,7 +266,8 @@ def flag_value(flags, flag):
 
 def command(sweep, name, flags):
     data = [] if "--data" in flags else ["--data", DATA]  # Part 3's configuration with room names its own
-    return ["python", "stack_gpt.py"] + data + FAMILY + flags + ["--out-dir", f"{RUNS}/{sweep}/{name}"]
+    script = "experiments/every_layer_ve.py" if sweep == "room-ve" else "stack_gpt.py"
+    return ["python", script] + data + FAMILY + flags + ["--out-dir", f"{RUNS}/{sweep}/{name}"]
 
 
 def metrics_path(sweep, name):
@@ -703,9 +706,9 @@ def confirm_section(best):
     return lines + [""] + confirm_tests(arm, base) + ["", f"Verdict ({rule}): {verdict}."]
 
 
-def seed_by_seed(arm, rows):
-    """The confirmation's table: an arm against the tuned baseline of each seed ({seed: acceleration row})."""
-    lines = [f"| seed | tuned baseline val bpb | {arm} val bpb | difference | compute saved at the val bpb both reach | speedup |",
+def seed_by_seed(arm, rows, baseline="tuned baseline"):
+    """The confirmation's table: an arm against the baseline of each seed ({seed: acceleration row})."""
+    lines = [f"| seed | {baseline} val bpb | {arm} val bpb | difference | compute saved at the val bpb both reach | speedup |",
              "|---|---|---|---|---|---|"]
     for s, r in rows.items():
         lines.append(f"| {s} | {r['baseline_val_bpb']:.4f} | {r['val_bpb']:.4f} | {r['val_bpb'] - r['baseline_val_bpb']:+.4f} | "
@@ -924,7 +927,23 @@ def room_report():
         out += [f"Best arm by the rule (lowest mean final val bpb over seeds 0-1): {best}.", ""]
         verdict = fresh_seed_verdict(best, room_run, room_baseline)
         out += ([f"## Part 3, step 3: {best} against the tuned baseline, fresh seeds", ""] + verdict) if verdict else []
+        out += value_embedding_control(best)
     return out
+
+
+def value_embedding_control(arm):
+    """Part 3, step 3's control: the arm against a baseline with a value embedding in every layer, as its deep model has."""
+    control = lambda s: finished_records("room-ve", f"baseline-s{s}")
+    rows = seed_rows(lambda s: room_run(arm, s), control, FRESH_SEEDS)
+    if not rows:
+        return []
+    tables = [r["baseline_val_bpb"] for r in rows.values()]
+    plain = [room_baseline(s)[-1]["val_bpb"]["baseline"] for s in rows]
+    return [f"## Part 3, step 3: {arm} against the d4 with a value embedding in every layer (a control, not a rule)", ""] + \
+        seed_by_seed(arm, rows, "every-layer baseline") + [
+        "", f"- {arm} minus the every-layer baseline: {paired_difference([r['val_bpb'] - r['baseline_val_bpb'] for r in rows.values()])}; "
+        f"compute saved {saving_with_speedup([matched_saving(r) for r in rows.values()])}",
+        f"- The every-layer baseline minus the tuned one (two value embeddings): {paired_difference([t - p for t, p in zip(tables, plain)])}", ""]
 
 
 def report():
