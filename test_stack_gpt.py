@@ -496,6 +496,24 @@ def test_identity_growth_keeps_the_logits(growth):
         assert torch.equal(deep.blocks[j].attn.c_q.weight, shallow.blocks[j % 3].attn.c_q.weight)
 
 
+def test_identity_growth_writes_what_the_shallow_model_wrote():
+    """The text samples in eager fp32: the same seed draws the same tokens, another seed others, and a model
+    grown by --grow identity computes the shallow model's function, so it writes the same text."""
+    shallow = trained_looking(tiny_config(n_layer=2))
+    sample = shallow.generate([1, 2, 3], 24, temperature=0.8, top_k=20, seed=5)  # past sequence_len 16: cropped
+    assert len(sample) == 24 and all(0 <= i < 100 for i in sample)
+    assert shallow.generate([1, 2, 3], 24, temperature=0.8, top_k=20, seed=5) == sample
+    assert shallow.generate([1, 2, 3], 24, temperature=0.8, top_k=20, seed=6) != sample
+    identity, stacked = sg.stack_model(shallow, 2, "identity"), sg.stack_model(shallow, 2, "stack")
+    before = torch.get_rng_state()
+    assert identity.generate([1, 2, 3], 24, 0.8, 20, seed=5) == sample
+    assert stacked.generate([1, 2, 3], 24, 0.8, 20, seed=5) != sample
+    assert torch.equal(torch.get_rng_state(), before)  # sampling leaves training's random state alone
+    greedy = shallow.generate([1, 2, 3], 4, temperature=0)
+    with torch.no_grad():
+        assert greedy[0] == shallow(torch.tensor([[1, 2, 3]]))[0, -1].argmax().item()
+
+
 def test_random_growth_keeps_sources_and_inits_new_layers_like_a_deep_model():
     shallow = trained_looking(tiny_config(n_layer=2, n_embd=256, n_head=4))
     torch.manual_seed(3)
@@ -525,8 +543,8 @@ def test_carry_gives_every_copy_its_source_optimizer_state(grow):
     reset = sg.build_optimizer(deep, optimizer_args(), 2**19, 0.1)
     assert all(not reset.state[p] for p in deep.parameters())
     carried = sg.build_optimizer(deep, optimizer_args(), 2**19, 0.1)
-    sg.carry_optimizer_state(shallow, shallow_opt, deep, carried, 2, grow)
     layer_map = sg.growth_layer_map(2, 2, grow)
+    sg.carry_optimizer_state(shallow, shallow_opt, deep, carried, layer_map)
     for j, source in enumerate(layer_map):
         for name in ("attn.c_q.weight", "mlp.c_proj.weight"):
             mine = carried.state[deep.get_parameter(f"blocks.{j}.{name}")]
@@ -605,7 +623,8 @@ def test_a_stacked_plan_states_its_cheap_token_ceiling():
 
 
 def test_a_gpu_sized_plan_on_a_cpu_says_what_it_costs():
-    """The headline command on a CPU: an estimate in days, the README's CPU command, and too many epochs."""
+    """The headline command on a CPU: an estimate from the FLOPs and the speed, evaluations included, and
+    a warning that it reads the train tokens too often."""
     args = sg.resolve_args(["--depth", "6", "--stack-to", "12", "--device", "cpu"])
     phases = sg.plan_phases(args, vocab_size=4096)
     seconds = sg.estimate_seconds(phases, args, val_tokens=131072, speed=1e11)
@@ -613,26 +632,37 @@ def test_a_gpu_sized_plan_on_a_cpu_says_what_it_costs():
     assert (shallow.steps, deep.steps, args.eval_every) == (282, 1619, 250)  # so 3 and 8 evaluations, forward only
     evals = (3 * shallow.flops_per_token + 8 * deep.flops_per_token) * 131072 / 3
     assert seconds == pytest.approx((shallow.flops + deep.flops + evals) / 1e11)
-    cost = sg.describe_cost(seconds, 1e11, args)
-    assert "days on this cpu" in cost and sg.CPU_QUICK_START in cost
     plan = sg.describe_plan(phases, args, {"train_tokens": 3_423_110})
     assert "reads the train tokens 291 times" in plan and "--dataset pylibs" in plan
     quick = sg.resolve_args(sg.CPU_QUICK_START.split()[2:] + ["--device", "cpu"])
-    quick_phases = sg.plan_phases(quick, vocab_size=4096)
-    assert "minutes" in sg.describe_cost(sg.estimate_seconds(quick_phases, quick, 65536, 1e10), 1e10, quick)
-    assert "reads the train tokens" not in sg.describe_plan(quick_phases, quick, {"train_tokens": 3_423_110})
+    assert "reads the train tokens" not in sg.describe_plan(sg.plan_phases(quick, 4096), quick, {"train_tokens": 3_423_110})
+
+
+@pytest.mark.parametrize("device", [[], ["--device", "cpu"]])
+def test_the_guard_stops_a_cpu_plan_of_days_unless_asked_by_name(device, monkeypatch, capsys):
+    """The speed faked: a plan of more than a day on a CPU stops with the quick start to run instead, unless
+    --device cpu was given; a plan of hours goes on either way."""
+    for speed, days in ((1e9, True), (1e13, False)):
+        monkeypatch.setattr(sg, "measure_flops_per_second", lambda config, args: speed)
+        args = sg.resolve_args(["--depth", "6", "--stack-to", "12"] + device)
+        args.device = "cpu"  # as on a machine without a GPU
+        phases = sg.plan_phases(args, vocab_size=4096)
+        if days and not device:
+            with pytest.raises(sg.UsageError, match="pass --device cpu to train it here anyway") as e:
+                sg.announce_plan(phases, args, {"train_tokens": 10**9}, 131072)
+            assert sg.CPU_QUICK_START in str(e.value)
+        else:
+            seconds = sg.announce_plan(phases, args, {"train_tokens": 10**9}, 131072)
+            assert seconds == pytest.approx(sg.estimate_seconds(phases, args, 131072, speed))
+        out = capsys.readouterr().out
+        assert out.startswith("shallow: 6 layers") and ("days on this cpu" in out) == days
 
 
 def test_timing_the_machine_leaves_the_run_unchanged():
     """The speed measurement before training builds and runs a scratch model: the run's RNG must not move."""
     args = sg.resolve_args(["--device", "cpu", "--seq-len", "16", "--device-batch-size", "2"])
     before = torch.get_rng_state()
-    phases = [sg.Phase("baseline", tiny_config(), 10, 64, 1000, 0.0, 0.5)]
-    state = types.SimpleNamespace(world=1, flops_before=0, autocast=contextlib.nullcontext(),
-                                  log=lambda line, **record: records.append(record))
-    records = []
-    sg.log_plan(phases, args, {"train_tokens": 10**6}, 64, state)
-    assert records[0]["kind"] == "plan" and records[0]["estimated_seconds"] > 0
+    assert sg.measure_flops_per_second(tiny_config(), args) > 0
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -724,10 +754,9 @@ def test_global_schedule_is_continuous_across_growth():
                                        "--total-batch-size", "4096", "--device-batch-size", "2", "--schedule", "global",
                                        "--final-lr-frac", "0.1", "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "256"])
     assert args.warmdown_ratio == 0.5
-    state = types.SimpleNamespace(flops_before=0, steps_before=0, total_flops=shallow.flops + deep.flops)
-    lrms = [sg.schedule_at(shallow, step, args, state) for step in range(shallow.steps)]
-    state.flops_before, state.steps_before = shallow.flops, shallow.steps
-    lrms += [sg.schedule_at(deep, step, args, state) for step in range(deep.steps + 1)]
+    assert (deep.flops_before, deep.steps_before, deep.run_flops) == (shallow.flops, 30, shallow.flops + deep.flops)
+    lrms = [sg.schedule_at(shallow, step, args) for step in range(shallow.steps)]
+    lrms += [sg.schedule_at(deep, step, args) for step in range(deep.steps + 1)]
     lr = [x[0] for x in lrms]
     assert lr[0] == 1.0 and lr[-1] == pytest.approx(0.1)  # the final fraction at the end of the run
     assert all(b <= a for a, b in zip(lr, lr[1:]))
@@ -735,7 +764,7 @@ def test_global_schedule_is_continuous_across_growth():
     assert lr[29] == 1.0 and lr[30] == 1.0  # warmdown 0.5 of the FLOPs starts inside the deep phase
     momentum = [x[1] for x in lrms]
     assert momentum[31] == sg.muon_momentum(31)  # Muon's warmup does not restart either
-    phases = sg.schedule_at(deep, 0, sg.resolve_args(["--depth", "2", "--stack-to", "4", "--device", "cpu"]), state)
+    phases = sg.schedule_at(deep, 0, sg.resolve_args(["--depth", "2", "--stack-to", "4", "--device", "cpu"]))
     assert phases[0] == 1.0 and phases[1] == pytest.approx(0.85)  # the default restarts both
 
 
@@ -747,13 +776,11 @@ def test_global_schedule_decays_weight_decay_over_the_whole_run():
                                        "--total-batch-size", "4096", "--device-batch-size", "2", "--schedule", "global",
                                        "--aspect-ratio", "32", "--head-dim", "32", "--seq-len", "256"])
     total = shallow.flops + deep.flops
-    run = types.SimpleNamespace(flops_before=0, steps_before=0, total_flops=total)
     for step in (0, 17, 29):
-        assert sg.schedule_at(shallow, step, args, run)[2] == pytest.approx(shallow.weight_decay * (1 - step * shallow.step_flops / total))
-    run.flops_before, run.steps_before = shallow.flops, shallow.steps
+        assert sg.schedule_at(shallow, step, args)[2] == pytest.approx(shallow.weight_decay * (1 - step * shallow.step_flops / total))
     for step in (0, 25, 50):
         done = shallow.flops + step * deep.step_flops
-        assert sg.schedule_at(deep, step, args, run)[2] == pytest.approx(deep.weight_decay * (1 - done / total))
+        assert sg.schedule_at(deep, step, args)[2] == pytest.approx(deep.weight_decay * (1 - done / total))
     assert shallow.weight_decay != deep.weight_decay
 
 
@@ -858,6 +885,63 @@ def test_checkpoints_reload_and_the_deep_phase_passes_the_shallow_one(tiny_run):
     assert end_of_deep["val_bpb"] < end_of_shallow["val_bpb"] - 0.05
 
 
+def samples_in(out):
+    """The text samples a run printed: {when: text}."""
+    found = re.findall(r"^sample (.*?):\n((?:  \| .*\n?)*)", out, re.M)
+    return {when: "\n".join(line[4:] for line in text.splitlines()) for when, text in found}
+
+
+def test_a_run_prints_text_before_and_after_growth(tiny_data, tmp_path, capsys):
+    """Three samples from the start of a document, the same seed each time: the shallow model's, the grown
+    model's before its first step, the deep model's at the end; decoded by the data folder's tokenizer.
+    A baseline prints one; a data folder without tokenizer.tiktoken prints a line instead."""
+    flags = TINY + ["--data", tiny_data, "--deep-steps", "2", "--sample-tokens", "12"]
+    sg.main(flags + ["--out-dir", str(tmp_path / "a")])
+    samples = samples_in(capsys.readouterr().out)
+    assert list(samples) == ["at the end of the shallow phase", "right after growth", "at the end of the deep phase"]
+    assert all(text.strip() for text in samples.values())
+    tokenizer = sg.load_tokenizer(tiny_data)
+    ids = sg.load_checkpoint(str(tmp_path / "a" / "final.pt"))  # the same text from the saved deep model
+    model = sg.GPT(sg.GPTConfig(**{**ids["model_config"], "ve_layers": tuple(ids["model_config"]["ve_layers"])}))
+    model.load_state_dict(ids["model"])
+    text = tokenizer.decode(model.generate([tokenizer.eot_token], 12, sg.SAMPLE_TEMPERATURE, sg.SAMPLE_TOP_K, seed=0))
+    assert samples["at the end of the deep phase"] == "\n".join(text.replace("<|endoftext|>", "\n").splitlines())
+    sg.main(flags + ["--out-dir", str(tmp_path / "b")])
+    assert samples_in(capsys.readouterr().out) == samples  # the same seed: the same text
+    no_tokenizer = tmp_path / "data"
+    shutil.copytree(tiny_data, no_tokenizer)
+    os.remove(no_tokenizer / "tokenizer.tiktoken")
+    sg.main(["--depth", "2"] + TINY[4:] + ["--data", str(no_tokenizer), "--out-dir", str(tmp_path / "c"), "--deep-steps", "2"])
+    assert re.findall(r"^sample .*", capsys.readouterr().out, re.M) == [
+        f"sample at the end of the baseline phase: none, {no_tokenizer} has no tokenizer.tiktoken to decode it with"]
+
+
+def test_plan_prints_the_plan_and_writes_nothing(tiny_data, tmp_path, capsys, monkeypatch):
+    """--plan: the plan and its estimate, exit 0, no run folder; on a CPU the malloc thresholds are set."""
+    calls = []
+    monkeypatch.setattr(sg, "keep_freed_memory", lambda: calls.append("malloc"))
+    sg.main(TINY + ["--data", tiny_data, "--out-dir", str(tmp_path / "run"), "--plan", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert out.startswith("shallow: 1 layers") and "estimated time: about" in out and "val bpb" not in out
+    assert not os.path.exists(tmp_path / "run") and calls == ["malloc"]
+
+
+@pytest.mark.parametrize("libc", [("glibc", "2.36"), ("", "")])
+def test_cpu_runs_keep_freed_memory_on_glibc_only(monkeypatch, libc):
+    """mallopt through ctypes, with values that fit a C int (2**32 would arrive as 0), and only on glibc."""
+    set_options = []
+    fake_libc = types.SimpleNamespace(mallopt=lambda option, value: set_options.append((option, value)) or 1)
+    monkeypatch.setattr(sg.ctypes, "CDLL", lambda name: fake_libc if name == "libc.so.6" else None)
+    monkeypatch.setattr(sg.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(sg.platform, "libc_ver", lambda: libc)
+    sg.keep_freed_memory()
+    if libc[0] == "glibc":  # M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD
+        assert set_options == [(-1, 2**31 - 1), (-2, 2**30), (-3, 2**30)]
+        assert all(0 < value < 2**31 for _, value in set_options)
+    else:
+        assert set_options == []
+
+
 def test_init_from_reproduces_phase_two(tiny_run, tiny_data, tmp_path):
     out = str(tmp_path / "again")
     sg.main(TINY + ["--data", tiny_data, "--out-dir", out, "--init-from", os.path.join(tiny_run, "shallow.pt")])
@@ -907,26 +991,38 @@ def test_init_from_with_carry_uses_the_saved_optimizer(tiny_run, tiny_data, tmp_
     assert runs[0] == runs[1]
 
 
-@pytest.mark.parametrize("start", ["new", "compiled", "init-from"])
+def growth_freeing_probes(monkeypatch):
+    """Probes for the growth: weak references to the shallow model and to every optimizer built before the
+    deep one, and at the deep phase's first step, whether each is gone."""
+    refs, freed, real_stack, real_build, real_step = [], [], sg.stack_model, sg.build_optimizer, sg.train_step
+
+    def stack_model(shallow, *rest):
+        refs.append(weakref.ref(shallow))
+        return real_stack(shallow, *rest)
+
+    def build_optimizer(model, *rest):
+        optimizer = real_build(model, *rest)
+        if model.config.n_layer == 1:  # the shallow model's (restore builds it for --init-from)
+            refs.append(weakref.ref(optimizer))
+        return optimizer
+
+    def train_step(step_model, model, optimizer, loader, phase, step, args):
+        if phase.name == "deep" and step == 0:
+            gc.collect()
+            freed.append([ref() is None for ref in refs])
+        return real_step(step_model, model, optimizer, loader, phase, step, args)
+    for name, probe in (("stack_model", stack_model), ("build_optimizer", build_optimizer), ("train_step", train_step)):
+        monkeypatch.setattr(sg, name, probe)
+    return freed
+
+
+@pytest.mark.parametrize("start", ["new", "init-from"])
 def test_growth_frees_the_shallow_model_and_its_optimizer(tiny_data, tiny_run, tmp_path, monkeypatch, start):
     """Nothing may hold the shallow model once it is grown: on a GPU it and its optimizer state would
-    otherwise sit in memory through the deep phase (1.1 GiB of a d6s12's 30.2 GiB peak, seen on an H200)."""
-    extra = {"new": [], "compiled": ["--compile"], "init-from": ["--init-from", os.path.join(tiny_run, "shallow.pt")]}[start]
-    shallow_refs, freed = [], []
-    real_grow, real_train_phase = sg.grow_deep_model, sg.train_phase
-
-    def grow(shallow, shallow_optimizer, *rest):
-        shallow_refs.extend([weakref.ref(shallow), weakref.ref(shallow_optimizer)])
-        return real_grow(shallow, shallow_optimizer, *rest)
-
-    def train_phase(phase, *rest):
-        if phase.name == "deep":
-            gc.collect()
-            freed.append([ref() is None for ref in shallow_refs])
-        return real_train_phase(phase, *rest)
-
-    monkeypatch.setattr(sg, "grow_deep_model", grow)
-    monkeypatch.setattr(sg, "train_phase", train_phase)
+    otherwise sit in memory through the deep phase (1.1 GiB of a d6s12's 30.2 GiB peak, seen on an H200).
+    The compiled run is checked in test_compiled_bf16_run_on_the_cpu_matches_eager."""
+    extra = {"new": [], "init-from": ["--init-from", os.path.join(tiny_run, "shallow.pt")]}[start]
+    freed = growth_freeing_probes(monkeypatch)
     sg.main(TINY + ["--data", tiny_data, "--out-dir", str(tmp_path / "run")] + extra)
     assert freed == [[True, True]]
 
@@ -966,11 +1062,11 @@ def test_a_step_averages_its_micro_batches():
     micro = iter([(x[:2], y[:2]), (x[2:], y[2:])])
     seen = []
     optimizer = types.SimpleNamespace(param_groups=[], step=lambda: seen.extend(p.grad.clone() for p in model.parameters()))
-    run = types.SimpleNamespace(loader=types.SimpleNamespace(next_batch=lambda rows: next(micro)), autocast=contextlib.nullcontext(),
-                                world=1, flops_before=0, steps_before=0)
-    args = types.SimpleNamespace(device_batch_size=2, seq_len=16, device="cpu", schedule="phases", warmup_ratio=0.0, final_lr_frac=0.0)
+    loader = types.SimpleNamespace(next_batch=lambda rows: next(micro))
+    args = types.SimpleNamespace(device_batch_size=2, seq_len=16, device="cpu", schedule="phases", warmup_ratio=0.0,
+                                 final_lr_frac=0.0, dtype="fp32")
     phase = sg.Phase("baseline", model.config, 10, 2 * 2 * 16, 1000, 0.1, 0.5)
-    loss, _ = sg.train_step(model, model, optimizer, phase, 0, args, run)
+    loss, _ = sg.train_step(model, model, optimizer, loader, phase, 0, args)
     whole = model(x, y)
     whole.backward()
     assert loss.item() == pytest.approx(whole.item(), rel=1e-6)
@@ -1238,8 +1334,21 @@ def test_unfinished_run_or_a_file_is_not_overwritten(capsys, tiny_data, tmp_path
     expect_usage_error(capsys, TINY + ["--data", tiny_data, "--out-dir", str(tmp_path / "file")], "is a file")
     os.makedirs(tmp_path / "half")
     (tmp_path / "half" / "metrics.jsonl").write_text('{"kind": "plan"}\n')
+    (tmp_path / "half" / "checkpoint.pt").write_text("a checkpoint")
     expect_usage_error(capsys, TINY + ["--data", tiny_data, "--out-dir", str(tmp_path / "half")], "--resume continues it")
     assert (tmp_path / "half" / "metrics.jsonl").read_text() == '{"kind": "plan"}\n'
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_without_overwrite(tiny_data, tmp_path):
+    """Ctrl-C before any checkpoint leaves a run folder with nothing to resume or lose: the same command
+    starts afresh there."""
+    out = tmp_path / "stopped"
+    os.makedirs(out)
+    (out / "metrics.jsonl").write_text('{"kind": "plan"}\n{"kind": "train", "step": 1}\n')
+    (out / "config.json").write_text("{}")
+    sg.main(TINY + ["--data", tiny_data, "--out-dir", str(out), "--deep-steps", "2", "--sample-tokens", "0"])
+    records = metrics_of(out)
+    assert records[0]["kind"] == "plan" and records[-1]["kind"] == "summary" and len(records[0]["phases"]) == 2
 
 
 def test_compare_names_a_broken_metrics_line(capsys, tiny_run, tmp_path):
@@ -1252,10 +1361,10 @@ def test_compare_refuses_what_is_not_a_metrics_file(capsys, tiny_run, tmp_path):
     (tmp_path / "binary").write_bytes(b"\x80\xff" * 100)
     expect_usage_error(capsys, ["--compare", tiny_run, str(tmp_path / "binary")], "cannot read the metrics")
     (tmp_path / "list.jsonl").write_text("[1, 2]\n")
-    expect_usage_error(capsys, ["--compare", tiny_run, str(tmp_path / "list.jsonl")], "line 1 is not a stack_gpt metrics record")
+    expect_usage_error(capsys, ["--compare", tiny_run, str(tmp_path / "list.jsonl")], "cannot read the metrics")
     evals_only = [line for line in open(os.path.join(tiny_run, "metrics.jsonl")) if '"kind": "eval"' in line]
     (tmp_path / "evals.jsonl").write_text("".join(evals_only))
-    expect_usage_error(capsys, ["--compare", str(tmp_path / "evals.jsonl"), tiny_run], "no train records")
+    expect_usage_error(capsys, ["--compare", str(tmp_path / "evals.jsonl"), tiny_run], "no train and eval records")
 
 
 def test_init_from_inside_the_run_folder_is_refused(capsys, tiny_run, tiny_data):
@@ -1464,37 +1573,36 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model = trained_looking(tiny_config())
     optimizer = sg.build_optimizer(model, optimizer_args(), 2**19, 0.1)
     phase = sg.Phase("shallow", model.config, 10, 4096, 1000, 0.1, 0.0)
-    loader = types.SimpleNamespace(state_dict=lambda: {"epoch": 0, "cursor": 3})
-    run = types.SimpleNamespace(rank=0, world=1, flops_before=0, steps_before=0, smooth_loss=torch.tensor(1.5), val_bpb={},
-                                metrics_lines=4, loader=loader)
+    loop = dict(loader=types.SimpleNamespace(state_dict=lambda: {"epoch": 0, "cursor": 3}),
+                log=types.SimpleNamespace(lines=4), smooth_loss=torch.tensor(1.5), val_bpb={})
     args = types.SimpleNamespace(device="cpu", out_dir=str(tmp_path), x=1)
     path = str(tmp_path / "checkpoint.pt")
-    sg.save_checkpoint("checkpoint.pt", model, optimizer, args, phase, 1, run)
+    sg.save_checkpoint("checkpoint.pt", model, optimizer, args, phase, 1, **loop)
 
     def interrupted(*a):
         raise KeyboardInterrupt  # Ctrl-C (or a crash) after the temp file is written, before the rename
     monkeypatch.setattr(sg.os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        sg.save_checkpoint("checkpoint.pt", model, optimizer, args, phase, 2, run)
+        sg.save_checkpoint("checkpoint.pt", model, optimizer, args, phase, 2, **loop)
     monkeypatch.undo()
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(sg.torch, "save", disk_full)
     with pytest.raises(sg.UsageError, match="free some disk space"):
-        sg.save_checkpoint("checkpoint.pt", model, optimizer, args, phase, 3, run)
+        sg.save_checkpoint("checkpoint.pt", model, optimizer, args, phase, 3, **loop)
     monkeypatch.undo()
     assert sg.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
 def test_a_metrics_file_that_cannot_be_appended_is_a_usage_error(tmp_path, capsys):
-    run = sg.Run(None, str(tmp_path / "gone" / "metrics.jsonl"), 0, 0)  # the run folder vanished mid-run
-    with pytest.raises(sg.UsageError, match="cannot write to .*gone/metrics.jsonl .No such file or directory.: fix it, --resume"):
-        run.log("step 10", step=10)
-    run.metrics_path = "/dev/full"  # Linux's always-full device: every write fails with ENOSPC
+    log = sg.MetricsLog(str(tmp_path / "gone" / "metrics.jsonl"), 0)  # the run folder vanished mid-run
+    with pytest.raises(sg.UsageError, match="cannot write to .*gone/metrics.jsonl .No such file or directory.: fix it, then --resume"):
+        log("step 10", step=10)
+    log.path = "/dev/full"  # Linux's always-full device: every write fails with ENOSPC
     with pytest.raises(sg.UsageError, match="No space left on device"):
-        run.log("step 10", step=10)
-    assert run.metrics_lines == 0
+        log("step 10", step=10)
+    assert log.lines == 0
 
 
 def test_nan_between_log_lines_never_becomes_a_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
@@ -1545,13 +1653,18 @@ def test_bf16_on_the_cpu_trains_like_fp32(bf16_run, tiny_data, tmp_path):
     assert ckpt["args"]["dtype"] == "bf16"
 
 
-def test_compiled_bf16_run_on_the_cpu_matches_eager(bf16_run, tiny_data, tmp_path):
-    """The GPU path (bf16 and compile: training steps and an evaluation) by inductor on the CPU; one phase keeps compiling short."""
-    out = str(tmp_path / "compiled")
-    sg.main(SHORT_BASELINE + ["--data", tiny_data, "--out-dir", out, "--dtype", "bf16", "--compile"])
-    eager, _ = bf16_run
-    assert train_losses(out) == pytest.approx(train_losses(eager), rel=0.01)
-    assert final_bpb(out) == pytest.approx(final_bpb(eager), rel=0.01)
+def test_compiled_bf16_run_on_the_cpu_matches_eager(tiny_data, tmp_path, monkeypatch):
+    """The GPU path (bf16 and compile: training steps and evaluations, through a growth) by inductor on the
+    CPU, against the same run eager; and growth frees the compiled shallow model as it does the eager one."""
+    flags = TINY + ["--data", tiny_data, "--shallow-steps", "2", "--deep-steps", "3", "--eval-every", "0",
+                    "--dtype", "bf16", "--device", "cpu", "--sample-tokens", "0"]
+    sg.main(flags + ["--out-dir", str(tmp_path / "eager")])
+    freed = growth_freeing_probes(monkeypatch)
+    sg.main(flags + ["--out-dir", str(tmp_path / "compiled"), "--compile"])
+    assert freed == [[True, True]]
+    assert train_losses(tmp_path / "compiled") == pytest.approx(train_losses(tmp_path / "eager"), rel=0.01)
+    bpb = [metrics_of(tmp_path / run)[-1]["val_bpb"]["deep"] for run in ("compiled", "eager")]
+    assert bpb[0] == pytest.approx(bpb[1], rel=0.01)
 
 
 # CUDA only: MFU and the real thing
