@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -52,7 +51,6 @@ MUON_BETA2 = 0.95  # NorMuon's running mean of the squared update
 LOSS_EMA_DECAY = 0.9  # the logged train loss is smoothed over roughly the last 10 steps
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype
 GROW_OPERATORS = ("stack", "interleave", "identity", "random")  # --grow
-SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200  # the text samples: nanoGPT's sample.py defaults
 
 
 class UsageError(Exception):
@@ -228,11 +226,11 @@ class GPT(nn.Module):
         return loss if reduction == "mean" else loss.view_as(targets)
 
     @torch.inference_mode()
-    def generate(self, prompt, max_tokens, temperature=1.0, top_k=None, seed=0):
+    def generate(self, prompt, max_tokens, temperature=0.8, top_k=200, seed=0):
         """
         `max_tokens` token ids sampled one at a time after the ids in `prompt` (one forward per token, over at
         most the last sequence_len: no KV cache, as short samples need none). Its own seeded generator: the
-        same seed gives the same text, and training's random state is left alone. temperature 0: greedy.
+        same seed gives the same text, and training's random state is left alone. (nanoGPT's defaults.)
         """
         ids = torch.tensor([prompt], device=self.lm_head.weight.device)
         generator = torch.Generator(ids.device).manual_seed(seed)
@@ -241,10 +239,7 @@ class GPT(nn.Module):
             if top_k:  # only the k most likely tokens can be drawn
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, -math.inf)
-            if temperature == 0:
-                next_id = logits.argmax(-1, keepdim=True)
-            else:
-                next_id = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator)
+            next_id = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator)
             ids = torch.cat([ids, next_id], dim=1)
         return ids[0, len(prompt):].tolist()
 
@@ -491,7 +486,7 @@ def stack_model(shallow, growth_factor, operator="stack"):
     """
     n_layer = shallow.config.n_layer
     layer_map = growth_layer_map(n_layer, growth_factor, operator)
-    table = shallow.wte.weight
+    table = shallow.wte.weight  # where the model lives, and its tables' dtype
     deep = empty_model(stacked_config(shallow.config, layer_map), table.device.type, table.dtype)
     if operator == "random":
         deep.init_weights()  # the copies keep this fresh init; the first pass is overwritten below
@@ -626,16 +621,110 @@ def plan_phases(args, vocab_size, shallow_flops=None, shallow_steps=0, world=1):
     phases.append(Phase(name, final_config, steps, batch, flops_per_token, wd, args.warmdown_ratio))
     micro_step = args.device_batch_size * args.seq_len * world  # each step must be whole micro-batches
     for phase in phases:
+        phase.flops_before, phase.steps_before = spent
+        spent = (spent[0] + phase.flops, spent[1] + phase.steps)
+        phase.run_flops = phases[0].flops_before + sum(p.flops for p in phases)
         if phase.batch_size % micro_step:
             per = f" x {world} processes" if world > 1 else ""
             raise UsageError(f"{phase.name} phase: total batch {phase.batch_size} tokens is not a multiple "
                              f"of --device-batch-size {args.device_batch_size} x --seq-len {args.seq_len}"
                              f"{per} = {micro_step}: change --total-batch-size or --device-batch-size")
-    for phase in phases:
-        phase.flops_before, phase.steps_before = spent
-        spent = (spent[0] + phase.flops, spent[1] + phase.steps)
-        phase.run_flops = phases[0].flops_before + sum(p.flops for p in phases)
     return phases
+
+
+# -----------------------------------------------------------------------------
+# The plan in words, and its cost on this machine: printed before anything is written
+
+# The README's quick start: what a CPU runs instead of a plan sized for a GPU (a test keeps the two equal)
+CPU_QUICK_START = ("python stack_gpt.py --depth 2 --stack-to 4 --aspect-ratio 32 --head-dim 32 --seq-len 256 "
+                   "--device-batch-size 16 --total-batch-size 4096 --ratio 2.5 --shallow-ratio 1.25 "
+                   "--eval-every 100 --eval-tokens 65536")
+MEMORIZING_EPOCHS = 10  # past this many passes over the train tokens, a model starts to memorize them
+
+
+def measure_flops_per_second(config, args):
+    """
+    This machine's speed, in FLOP/s, on forwards and backwards of a scratch copy of the first model.
+    On a GPU: one micro-batch, compiled if the run will be, freed before training (it needs no more memory
+    than training). On a CPU: eager, one row, its context cut to a power of 2 near 2e10 FLOPs a call, so
+    that a plan sized for a GPU is judged in seconds. One call warms up; the median of the next 3 counts.
+    """
+    rows, tokens = args.device_batch_size, args.seq_len
+    if args.device == "cpu":
+        rows, tokens = 1, min(tokens, 2 ** max(3, round(math.log2(2e10 / measure(config)[1]))))
+    with torch.random.fork_rng(devices=[]):  # a scratch model: its random init leaves the run's own unchanged
+        scratch = empty_model(replace(config, sequence_len=tokens), args.device, PRECISIONS[args.dtype])
+    step_model = torch.compile(scratch, dynamic=False) if args.compile and args.device == "cuda" else scratch
+    batch = torch.zeros(rows, tokens, dtype=torch.long, device=args.device)
+    seconds = []
+    for _ in range(4):
+        start = time.perf_counter()
+        with precision(args):
+            step_model(batch, batch).backward()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    if args.device == "cuda":
+        torch._dynamo.reset()  # drop the scratch's compiled graph with it
+        torch.cuda.reset_peak_memory_stats()  # the summary's peak memory is the run's, not this copy's
+    return scratch.flops_per_token() * rows * tokens / sorted(seconds[1:])[1]  # the median of the last 3
+
+
+def announce_plan(phases, args, meta, val_tokens, log):
+    """
+    Before anything is written: print the plan, time this machine, print the estimate (training and the
+    evaluations, forward only: a third of a training token's FLOPs). A plan that would take a CPU more than
+    a day stops here unless --device cpu was given. Returns the estimate in seconds.
+    """
+    log(describe_plan(phases, args, meta))
+    speed = measure_flops_per_second(phases[0].config, args) * world_size()
+    evals = [math.ceil(p.steps / args.eval_every) + 1 if args.eval_every else 1 for p in phases]  # step 0 too
+    seconds = sum(p.flops + n * val_tokens * p.flops_per_token / 3 for p, n in zip(phases, evals)) / speed
+    when = f"{seconds / 86400:.1f} days" if seconds > 2 * 86400 else f"{seconds / 60:.1f} minutes"
+    log(f"estimated time: about {when} on this {args.device} ({speed:.3g} FLOP/s timed in forwards and "
+        "backwards of the first model; optimizer steps not counted)")
+    if args.device == "cpu" and args.dtype == "fp32" and native_bf16():
+        log("this CPU has native bf16: --dtype bf16 --compile ran the quick start's step 1.4-1.7x faster "
+            "on two such CPUs (experiments.md); fp32, the default, gives the same numbers on every machine")
+    if seconds > 86400 and args.device == "cpu" and not (args.device_given or args.plan or world_size() > 1):
+        raise UsageError("this plan is sized for a GPU: run the README's quick start on a CPU "
+                         f"({CPU_QUICK_START}), or pass --device cpu to train it here anyway")
+    return seconds
+
+
+def cheap_token_ceiling(shallow, deep, total_flops):
+    """
+    The saving that growth gives if its whole gain is that the shallow phase's tokens cost less. Were a
+    shallow token to teach as much as a deep one, the run would reach the baseline's final loss having
+    paid f_shallow instead of f_deep for each shallow token: shallow.flops * (f_deep / f_shallow - 1)
+    saved, of the baseline's total_flops (a plan's own total: the baseline that spends the same). A shallow
+    phase with as many tokens as the whole baseline gets there before growing: 1 - f_shallow / f_deep.
+    A reference, not a bound: a larger saving means the shallow model learned more per token, the growth
+    itself helped, or the baseline was weak. In the acceleration report's units: speedup = s / (1 - s).
+    """
+    cost = shallow.flops_per_token / deep.flops_per_token  # of a deep token, for each shallow one
+    return min(shallow.flops / total_flops * (1 / cost - 1), 1 - cost)
+
+
+def describe_plan(phases, args, meta):
+    """What the run will do, in FLOPs and tokens, before it starts."""
+    lines = [f"{p.name}: {p.config.n_layer} layers x {p.config.n_embd} wide, {p.config.n_head} heads | "
+             f"{p.steps} steps x {p.batch_size:,} tokens | {p.flops_per_token:.3e} FLOPs/token | "
+             f"{p.flops:.3e} FLOPs | warmdown {p.warmdown_ratio} | wd {p.weight_decay:.4f}" for p in phases]
+    tokens, total_flops = sum(p.batch_size * p.steps for p in phases), phases[0].run_flops
+    epochs = tokens / meta["train_tokens"]
+    lines.append(f"total: {total_flops:.3e} FLOPs, {tokens:,} tokens" + (
+        f" = {epochs:.2f} epochs of the {meta['train_tokens']:,} train tokens" if epochs > 1 else "") + (
+        f" | one LR schedule, warmdown {args.warmdown_ratio}" if args.schedule == "global" else ""))
+    if args.stacked and not phases[0].flops_before:
+        ceiling = cheap_token_ceiling(phases[0], phases[1], total_flops)
+        lines.append(f"growth after {phases[0].flops / total_flops:.1%} of the FLOPs | cheap-token ceiling "
+                     f"{ceiling:.1%} saved (speedup {ceiling / (1 - ceiling):.1%}) if all tokens teach alike")
+    if epochs > MEMORIZING_EPOCHS:
+        lines.append(f"this plan reads the train tokens {epochs:.0f} times: past about {MEMORIZING_EPOCHS} a "
+                     "model memorizes them and val bpb means little; build a larger dataset (python "
+                     "prepare_data.py --dataset pylibs, or fineweb-edu) or lower --ratio")
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -698,12 +787,11 @@ def load_data(data_dir):
 
 
 def load_tokenizer(data_dir):
-    """The dataset's tiktoken.Encoding, for reading samples: its ranks and meta.json's pattern (None if absent)."""
+    """The dataset's tiktoken.Encoding, to read samples with: its ranks, meta.json's pattern (or None)."""
     path = os.path.join(data_dir, "tokenizer.tiktoken")
     if not os.path.isfile(path):  # a GPT-2 dataset built without the GPT-2 ranks at hand
         return None
-    with open(os.path.join(data_dir, "meta.json")) as f:
-        meta = json.load(f)
+    meta = json.load(open(os.path.join(data_dir, "meta.json")))
     return tiktoken.Encoding(meta["name"], pat_str=meta["pattern"], mergeable_ranks=load_tiktoken_bpe(path),
                              special_tokens=meta["special_tokens"])
 
@@ -724,8 +812,7 @@ class TokenWindows:
         self.num_windows = int(self.first_window[-1])
         if self.num_windows == 0:
             raise UsageError(f"the data has fewer than {seq_len + 1} tokens: lower --seq-len or more data")
-        self.epoch, self.cursor = 0, 0
-        self.order = self._order(self.epoch)
+        self.load_state_dict({"epoch": 0, "cursor": 0})
 
     def _order(self, epoch):
         g = torch.Generator().manual_seed(self.seed * 100003 + epoch)  # one seed per (seed, epoch < 100003)
@@ -822,7 +909,8 @@ def train(args, phases, loader, val, token_bytes, log, resume=None, init=None):
         model = empty_model(phases[0].config, args.device, PRECISIONS[args.dtype])
         model.init_weights()
         optimizer = build_optimizer(model, args, phases[0].batch_size, phases[0].weight_decay)
-    first, start_step = ([p.name for p in phases].index(resume["phase"]), resume["step"]) if resume else (0, 0)
+    first = [p.name for p in phases].index(resume["phase"]) if resume else 0
+    start_step = resume["step"] if resume else 0
     if start_step == phases[first].steps:  # resumed from shallow.pt: the first phase is done
         first, start_step = first + 1, 0
     smooth_loss = torch.tensor(resume["smooth_loss"] if start_step else 0.0, device=args.device)  # loss EMA
@@ -834,8 +922,8 @@ def train(args, phases, loader, val, token_bytes, log, resume=None, init=None):
             deep_optimizer = build_optimizer(deep, args, phase.batch_size, phase.weight_decay)
             if args.grow_optim == "carry":
                 carry_optimizer_state(model, optimizer, deep, deep_optimizer, layer_map)
-            model, optimizer = deep, deep_optimizer  # nothing holds the shallow ones now: their memory is freed
-            log(f"grew {args.depth} -> {args.stack_to} layers by {args.grow}, optimizer state {args.grow_optim}")
+            model, optimizer = deep, deep_optimizer  # nothing holds the shallow ones now: memory freed
+            log(f"grew {args.depth} -> {args.stack_to} layers by {args.grow}, optimizer {args.grow_optim}")
             print_sample(model, "right after growth", args)
             # Deep step 0's val bpb can jump (in the README's quick start, above an untrained model's): the
             # second pass of copies reads a residual stream that the first pass has already written to, which
@@ -846,9 +934,7 @@ def train(args, phases, loader, val, token_bytes, log, resume=None, init=None):
         last_log_step = start_step
         for step in range(start_step, phase.steps + 1):
             if step == phase.steps or (args.eval_every and step % args.eval_every == 0):
-                model.eval()
-                bpb = evaluate_bpb(step_model, val, token_bytes, precision(args))
-                model.train()
+                bpb = evaluate_bpb(step_model, val, token_bytes, precision(args))  # no dropout: no eval()
                 log(f"{phase.name} step {step}/{phase.steps} | val bpb {bpb:.4f}", kind="eval",
                     phase=phase.name, step=step, val_bpb=bpb, flops=phase.flops_at(step))
                 last_log, last_log_step = time.time(), step  # keep eval time out of the step timings
@@ -856,7 +942,7 @@ def train(args, phases, loader, val, token_bytes, log, resume=None, init=None):
                 break
             loss, lrm = train_step(step_model, model, optimizer, loader, phase, step, args)
             smooth_loss.lerp_(loss, 1 - LOSS_EMA_DECAY)  # smooth = decay * smooth + (1 - decay) * loss
-            if (step + 1) % args.log_every == 0 or step + 1 == phase.steps:  # the host syncs only on log lines
+            if (step + 1) % args.log_every == 0 or step + 1 == phase.steps:  # host syncs: log lines only
                 loss, smoothed = torch.stack([loss, smooth_loss]).tolist()  # waits for the GPU: time after it
                 now = time.time()
                 dt = (now - last_log) / (step + 1 - last_log_step)  # mean over the steps since the last log
@@ -886,7 +972,9 @@ def log_train_line(phase, steps_done, loss, smoothed, lrm, dt, elapsed, eta, arg
         raise TrainingDiverged(f"{phase.name} phase: loss is {loss} at step {steps_done}; checkpoints kept")
     tok_per_s = phase.batch_size / dt
     # model FLOPs utilization: the FLOP/s our FLOPs count says we do, over the peak of all GPUs together
-    peak = peak_flops(args.device)
+    # (the GPU's peak from the table; none on a CPU or an unknown GPU: then no MFU is shown)
+    name = torch.cuda.get_device_name().lower() if args.device == "cuda" else ""  # "" matches no entry
+    peak = next((peak for keys, peak in PEAK_BF16_FLOPS if all(k in name for k in keys)), None)
     mfu = 100 * phase.flops_per_token * tok_per_s / (peak * world_size()) if peak else None
     log(f"{phase.name} step {steps_done}/{phase.steps} | loss {smoothed:.4f} | lrm {lrm:.3f} | dt "
         f"{dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f}{f' | mfu {mfu:.1f}%' if mfu else ''} | elapsed "
@@ -897,7 +985,7 @@ def log_train_line(phase, steps_done, loss, smoothed, lrm, dt, elapsed, eta, arg
 
 @torch.no_grad()
 def print_sample(model, when, args):
-    """Text the model writes from the start of a document: the same seed at every point, so samples compare."""
+    """Text the model writes from the start of a document, with the same seed each time: samples compare."""
     if not args.sample_tokens or rank() != 0:
         return
     tokenizer = load_tokenizer(args.data)
@@ -905,12 +993,9 @@ def print_sample(model, when, args):
         print(f"sample {when}: none, {args.data} has no tokenizer.tiktoken to decode it with")
         return
     with precision(args):
-        ids = model.generate([tokenizer.eot_token], args.sample_tokens, SAMPLE_TEMPERATURE, SAMPLE_TOP_K, args.seed)
-    try:
-        text = tokenizer.decode(ids).replace("<|endoftext|>", "\n")
-    except KeyError as e:  # an id that no token has: a gap in a hand-made vocabulary's ranks
-        text = f"(cannot decode: {e})"
-    print(f"sample {when}:\n" + "\n".join("  | " + line for line in text.splitlines()), flush=True)
+        ids = model.generate([tokenizer.eot_token], args.sample_tokens, seed=args.seed)
+    text = tokenizer.decode(ids).replace("<|endoftext|>", "\n")  # a new document starts on a new line
+    print(f"sample {when}:\n" + "\n".join("  | " + line for line in text.split("\n")), flush=True)
 
 
 def launch(args):
@@ -918,32 +1003,27 @@ def launch(args):
     Check the input, plan the run and print the plan at once; time this machine for the estimate (and
     the guard against a CPU run of days); only then write the run folder, and train.
     """
-    resume = None
-    if args.resume:
-        resume, args = resume_point(args)
-        if resume is None:
-            print(f"{args.out_dir} already finished: nothing to resume")
-            return
+    resume, args = resume_point(args) if args.resume else (None, args)
+    if args.resume and resume is None:
+        print(f"{args.out_dir} already finished: nothing to resume")
+        return
     if not args.plan:
         check_run_dir(args)
-    if args.device == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(args)
     setup_distributed(args.device)
     torch.manual_seed(args.seed)
     meta, train_shards, val_shards, token_bytes = load_data(args.data)
-    init = load_checkpoint(args.init_from) if args.init_from else None
-    if init:
-        check_init_from(init, args, model_config(args.depth, args.final_depth, args, meta["vocab_size"]))
+    init = load_init_from(args, meta["vocab_size"]) if args.init_from else None
     baseline = read_metrics(args.baseline) if args.baseline else None
     phases = plan_phases(args, meta["vocab_size"], *((init["flops"], init["step"]) if init else ()),
                          world=world_size())
     val = val_batches(val_shards, args.eval_tokens, args.seq_len, args.device_batch_size, args.device)
     loader = TokenWindows(train_shards, args.seq_len, args.seed, args.device, rank(), world_size())
+    log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), resume["metrics_lines"] if resume else 0)
     if not resume:
-        seconds = announce_plan(phases, args, meta, sum(x.numel() for x, _ in val))
+        seconds = announce_plan(phases, args, meta, sum(x.numel() for x, _ in val), log)
         if args.plan:
             return
-    log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), resume["metrics_lines"] if resume else 0)
     if rank() == 0:
         prepare_run_dir(args, log.lines)  # before anyone logs to it; a resumed run keeps its lines
     if not resume:  # the plan is the first record of metrics.jsonl
@@ -951,149 +1031,31 @@ def launch(args):
     if args.device == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls outside autocast
     start = time.time()
-    val_bpb = train(args, phases, loader, val[rank()::world_size()], torch.tensor(token_bytes, device=args.device),
-                    log, resume, init)
-    log_summary(phases, val_bpb, time.time() - start, args, log)
-    if args.baseline and rank() == 0:  # only rank 0 has written its records
-        log(format_report([acceleration(baseline, read_metrics(log.path), args.out_dir)]))
-    leave_distributed()
-
-
-# -----------------------------------------------------------------------------
-# Reports: the plan and its cost before training, the summary after it, and the acceleration
-# report against a baseline (--baseline, --compare; experiments/sweeps.py imports it too)
-
-# The README's quick start: what a CPU runs instead of a plan sized for a GPU (a test keeps the two equal)
-CPU_QUICK_START = ("python stack_gpt.py --depth 2 --stack-to 4 --aspect-ratio 32 --head-dim 32 --seq-len 256 "
-                   "--device-batch-size 16 --total-batch-size 4096 --ratio 2.5 --shallow-ratio 1.25 "
-                   "--eval-every 100 --eval-tokens 65536")
-MEMORIZING_EPOCHS = 10  # past this many passes over the train tokens, a model starts to memorize them
-PEAK_BF16_FLOPS = [  # (substrings of the device name, dense bf16 FLOP/s); the first match wins
-    (("h100", "pcie"), 756e12), (("h100", "nvl"), 835e12), (("h100",), 989e12), (("h200",), 989e12),
-    (("b200",), 2.25e15), (("a100",), 312e12), (("l40s",), 362e12), (("l40",), 181e12), (("l4",), 121e12),
-    (("rtx pro 6000",), 503.8e12), (("5090",), 209.5e12), (("4090",), 165.2e12), (("3090",), 71e12),
-]
-
-
-def peak_flops(device):
-    """The GPU's peak from the table, or None (CPU, unknown GPU): then no MFU is shown."""
-    name = torch.cuda.get_device_name().lower() if device == "cuda" else ""  # "" matches no entry
-    return next((peak for keys, peak in PEAK_BF16_FLOPS if all(k in name for k in keys)), None)
-
-
-def measure_flops_per_second(config, args):
-    """
-    This machine's speed, in FLOP/s, on forwards and backwards of a scratch copy of the first model.
-    On a GPU: one micro-batch, compiled if the run will be, freed before training (it needs no more memory
-    than training). On a CPU: eager, and cut to about 2e10 FLOPs a call (fewer rows, then a shorter
-    context) so that a plan sized for a GPU is judged in seconds. One call warms up; the median of 3 counts.
-    """
-    rows, tokens = args.device_batch_size, args.seq_len
-    if args.device == "cpu":
-        per_token = measure(config)[1]
-        tokens = min(tokens, max(8, 2 ** int(math.log2(max(1, 2e10 // per_token)))))
-        rows = max(1, min(rows, int(2e10 // (per_token * tokens))))
-    with torch.random.fork_rng(devices=[]):  # a scratch model: its random init leaves the run's own unchanged
-        scratch = empty_model(replace(config, sequence_len=tokens), args.device, PRECISIONS[args.dtype])
-    step_model = torch.compile(scratch, dynamic=False) if args.compile and args.device == "cuda" else scratch
-    batch = torch.zeros(rows, tokens, dtype=torch.long, device=args.device)
-    seconds = []
-    for _ in range(4):
-        start = time.perf_counter()
-        with precision(args):
-            step_model(batch, batch).backward()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    if args.device == "cuda":
-        torch._dynamo.reset()  # drop the scratch's compiled graph with it
-        torch.cuda.reset_peak_memory_stats()  # the summary's peak memory is the run's, not this copy's
-    return scratch.flops_per_token() * rows * tokens / statistics.median(seconds[1:])
-
-
-def estimate_seconds(phases, args, val_tokens, speed):
-    """Training plus evaluations (forward only: a third of a training token's FLOPs) at `speed` FLOP/s."""
-    def evaluations(p):  # at step 0, every --eval-every steps, and at the end
-        return p.steps // args.eval_every + 1 + (p.steps % args.eval_every > 0) if args.eval_every else 1
-    return sum(p.flops + evaluations(p) * val_tokens * p.flops_per_token / 3 for p in phases) / speed
-
-
-def cpu_hint(args):
-    """On a CPU with native bf16 (AVX512-BF16 or AMX) an fp32 run hears that bf16 runs faster there."""
-    if args.device != "cpu" or args.dtype == "bf16" or not os.path.exists("/proc/cpuinfo"):
-        return ""
-    with open("/proc/cpuinfo") as f:
-        flags = f.read()
-    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
-        return ""
-    return ("\nthis CPU has native bf16: --dtype bf16 --compile ran the quick start's deep step 1.4-1.7x faster "
-            "on two such CPUs (experiments.md); fp32, the default, gives the same numbers on every machine")
-
-
-def announce_plan(phases, args, meta, val_tokens):
-    """
-    Before anything is written: print the plan, time this machine, print the estimate. A plan that would
-    take a CPU more than a day stops here unless --device cpu was given. Returns the estimate in seconds.
-    """
-    say(describe_plan(phases, args, meta))
-    speed = measure_flops_per_second(phases[0].config, args) * world_size()
-    seconds = estimate_seconds(phases, args, val_tokens, speed)
-    hours = seconds / 3600
-    when = (f"{hours / 24:.1f} days" if hours >= 48 else f"{hours:.1f} hours" if hours >= 2
-            else f"{hours * 60:.1f} minutes")
-    say(f"estimated time: about {when} on this {args.device} ({speed:.3g} FLOP/s timed in forwards and "
-        f"backwards of the first model; optimizer steps not counted){cpu_hint(args)}")
-    if hours > 24 and args.device == "cpu" and not (args.device_given or args.plan or world_size() > 1):
-        raise UsageError("this plan is sized for a GPU: run the README's quick start on a CPU "
-                         f"({CPU_QUICK_START}), or pass --device cpu to train it here anyway")
-    return seconds
-
-
-def cheap_token_ceiling(shallow, deep, total_flops):
-    """
-    The saving that growth gives if its whole gain is that the shallow phase's tokens cost less. Were a
-    shallow token to teach as much as a deep one, the run would reach the baseline's final loss having
-    paid f_shallow instead of f_deep for each shallow token: shallow.flops * (f_deep / f_shallow - 1)
-    saved, of the baseline's total_flops (a plan's own total: the baseline that spends the same). A shallow
-    phase with as many tokens as the whole baseline gets there before growing: 1 - f_shallow / f_deep.
-    A reference, not a bound: a larger saving means the shallow model learned more per token, the growth
-    itself helped, or the baseline was weak. In the acceleration report's units: speedup = s / (1 - s).
-    """
-    cost = shallow.flops_per_token / deep.flops_per_token  # of a deep token, for each shallow one
-    return min(shallow.flops / total_flops * (1 / cost - 1), 1 - cost)
-
-
-def describe_plan(phases, args, meta):
-    """What the run will do, in FLOPs and tokens, before it starts."""
-    lines = [f"{p.name}: {p.config.n_layer} layers x {p.config.n_embd} wide, {p.config.n_head} heads | "
-             f"{p.steps} steps x {p.batch_size:,} tokens | {p.flops_per_token:.3e} FLOPs/token | "
-             f"{p.flops:.3e} FLOPs | warmdown {p.warmdown_ratio} | wd {p.weight_decay:.4f}" for p in phases]
-    tokens = [p.batch_size * p.steps for p in phases]
-    total_flops = phases[0].run_flops
-    epochs = sum(tokens) / meta["train_tokens"]
-    total = f"total: {total_flops:.3e} FLOPs, {sum(tokens):,} tokens" + (
-        f" = {epochs:.2f} epochs of the {meta['train_tokens']:,} train tokens" if epochs > 1 else "")
-    if args.schedule == "global":
-        total += f" | one LR schedule over the whole run, warmdown {args.warmdown_ratio}"
-    lines.append(total)
-    if args.stacked and not phases[0].flops_before:
-        ceiling = cheap_token_ceiling(phases[0], phases[1], total_flops)
-        lines.append(f"growth after {phases[0].flops / total_flops:.1%} of the FLOPs | cheap-token ceiling "
-                     f"{ceiling:.1%} saved (speedup {ceiling / (1 - ceiling):.1%}) if all tokens teach alike")
-    if epochs > MEMORIZING_EPOCHS:
-        lines.append(f"this plan reads the train tokens {epochs:.0f} times: past about {MEMORIZING_EPOCHS} a "
-                     "model memorizes them and val bpb means little; build a larger dataset (python "
-                     "prepare_data.py --dataset pylibs, or fineweb-edu) or lower --ratio")
-    return "\n".join(lines)
-
-
-def log_summary(phases, val_bpb, wall, args, log):
-    """After training: each phase's final val bpb, the FLOPs, the time, and on a GPU the peak memory."""
+    token_bytes = torch.tensor(token_bytes, device=args.device)
+    val_bpb = train(args, phases, loader, val[rank()::world_size()], token_bytes, log, resume, init)
+    # the summary: each phase's final val bpb, the FLOPs, the time, and on a GPU the peak memory
+    wall = time.time() - start
     memory = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
     bpb, flops = " | ".join(f"{k} {v:.4f}" for k, v in val_bpb.items()), phases[-1].run_flops
     log(f"done: val bpb {bpb} | {flops:.3e} FLOPs | {wall / 60:.1f} min"
         + (f" | peak memory {memory:.1f} GiB" if memory else ""), kind="summary", val_bpb=val_bpb,
         flops=flops, phase_flops={p.name: p.flops for p in phases}, wall_time=wall, peak_memory_gib=memory)
+    if args.baseline and rank() == 0:  # only rank 0 has written its records
+        log(format_report([acceleration(baseline, read_metrics(log.path), args.out_dir)]))
+    if world_size() > 1:  # leave together, and skip the interpreter's teardown: with gloo it can abort
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)
+
+
+# -----------------------------------------------------------------------------
+# Reports: the summary after training, and the acceleration report against a baseline (--baseline,
+# --compare; experiments/sweeps.py imports it too)
+
+PEAK_BF16_FLOPS = [  # (substrings of the device name, dense bf16 FLOP/s); the first match wins
+    (("h100", "pcie"), 756e12), (("h100", "nvl"), 835e12), (("h100",), 989e12), (("h200",), 989e12),
+    (("b200",), 2.25e15), (("a100",), 312e12), (("l40s",), 362e12), (("4090",), 165.2e12)]
 
 
 def read_metrics(path):
@@ -1107,8 +1069,8 @@ def read_metrics(path):
                 records.append(json.loads(line))
         kinds = {record["kind"] for record in records}
     except (OSError, ValueError, TypeError, KeyError) as e:  # a line cut short by a killed run, binary data..
-        raise UsageError(f"cannot read the metrics in {path} after {len(records)} records ({e!r}): "
-                         "remove what is broken, or give a run folder or its metrics.jsonl") from None
+        raise UsageError(f"cannot read the metrics in {path} after {len(records)} records ({e!r}): remove "
+                         "what is broken, or give a run folder or its metrics.jsonl") from None
     if not {"train", "eval"} <= kinds:
         raise UsageError(f"{path} has no train and eval records: give the metrics of a run that trained")
     return records
@@ -1135,9 +1097,6 @@ def acceleration(baseline, run, name):
     total FLOPs at which the run (shallow phase included) first reaches the baseline's final smoothed
     train loss, and its final val bpb. saving = 1 - fraction, and the paper's speedup = 1/fraction - 1
     (compute the baseline needed over what we needed), the crossing interpolated (flops_reaching).
-    A run that never reaches the baseline's val bpb has no saving in that sense, so bpb_compute_ratio
-    compares the two where both get to: bpb_fraction where the run reaches the baseline's final val bpb,
-    else the run's FLOPs over the baseline's FLOPs to the run's final val bpb (above 1: the run cost more).
     """
     def of(records, kind):
         return [r for r in records if r["kind"] == kind]
@@ -1153,11 +1112,6 @@ def acceleration(baseline, run, name):
         row[f"{metric}_fraction"] = fraction
         row[f"{metric}_saving"] = 1 - fraction if fraction else None
         row[f"{metric}_speedup"] = 1 / fraction - 1 if fraction else None
-    if row["bpb_fraction"]:
-        row["bpb_compute_ratio"] = row["bpb_fraction"]
-    else:  # the run ends worse, so the baseline gets to the run's final val bpb at or before its own end
-        reached = flops_reaching(base_evals, "val_bpb", row["val_bpb"])
-        row["bpb_compute_ratio"] = row["flops"] / reached if reached else None  # None: a NaN, say
     return row
 
 
@@ -1233,22 +1187,18 @@ def get_parser():
     g("--scalar-lr", type=non_negative, default=0.5, help="AdamW LR of x0_lambdas (resid_lambdas: 1%% of it)")
     g("--weight-decay", type=non_negative, default=0.2, help="Muon's weight decay at d12 (then scaled)")
     g("--warmup-ratio", type=number(float, strict=False, high=1), default=0.0, help="share with LR warmup")
-    g("--warmdown-ratio", type=non_negative, help="share of the deep phase (or run) with LR decay "
-      "(default: 1.0 after stacking with --schedule phases, else 0.5)")
+    g("--warmdown-ratio", type=non_negative, help="share of the deep phase (or run) with LR decay")
     g("--shallow-warmdown-ratio", type=non_negative, default=0.0, help="warmdown ratio of the shallow phase")
     g("--final-lr-frac", type=non_negative, default=0.0, help="LR multiplier at the end of a warmdown")
     g = p.add_argument_group("evaluation and logging").add_argument
     g("--eval-every", type=count, default=250, help="val bpb every N steps and at each phase's end (0: end)")
     g("--eval-tokens", type=positive_int, default=40 * REFERENCE_BATCH, help="val tokens per evaluation")
     g("--log-every", type=positive_int, default=1, help="print and record the train loss every N steps")
-    g("--sample-tokens", type=count, default=48, help="print this many sampled tokens after each phase and "
-      "right after growth (0: no samples)")
+    g("--sample-tokens", type=count, default=48, help="tokens of text sampled at growth and each phase's end")
     g = p.add_argument_group("growth (the README says what each choice tests)").add_argument
     g("--grow", choices=GROW_OPERATORS, default="stack", help="how the shallow layers become the deep ones")
-    g("--grow-optim", choices=("reset", "carry"), default="reset", help="a fresh optimizer, or copies "
-      "start with their source's optimizer state")
-    g("--schedule", choices=("phases", "global"), default="phases", help="an LR schedule per phase, "
-      "or one over the whole run's FLOPs")
+    g("--grow-optim", choices=("reset", "carry"), default="reset", help="a new optimizer, or carry the state")
+    g("--schedule", choices=("phases", "global"), default="phases", help="LR per phase, or one over the run")
     g("--baseline", help="a baseline's run folder or metrics.jsonl: end with the acceleration report")
     g("--compare", nargs="+", metavar="METRICS", help="report finished runs against the first (a baseline)")
     g = p.add_argument_group("run").add_argument
@@ -1258,12 +1208,10 @@ def get_parser():
     g("--save-every", type=count, default=0, help="also write checkpoint.pt every N steps, for --resume")
     g("--resume", action="store_true", help="continue the interrupted run in --out-dir, with its flags")
     g("--init-from", help="a shallow.pt to start from: skips phase 1 (one shallow model, many deep runs)")
-    g("--device", choices=("cuda", "cpu"), help="default: cuda when available; --device cpu also trains a plan "
-      "that would take a CPU days")
+    g("--device", choices=("cuda", "cpu"), help="default: cuda if any; named, cpu trains a plan of days too")
     g("--plan", action="store_true", help="print the plan and its estimated time, write nothing, exit")
     g("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on cuda)")
-    g("--dtype", choices=PRECISIONS, help="bf16: autocast, bf16 tables and Polar Express, as on a GPU; fp32: "
-      "all in fp32 but the rotary tables (default: bf16 on cuda, fp32 on cpu, where bf16 is often slow)")
+    g("--dtype", choices=PRECISIONS, help="bf16: autocast and bf16 tables, as on GPUs (cuda's default)")
     g("--seed", type=int, default=0, help="seed for the initialization and the data order")
     return p
 
@@ -1343,8 +1291,7 @@ def save_checkpoint(name, model, optimizer, args, phase, step, loader, log, smoo
     # a NaN since the last logged step must not become the checkpoint to resume; the smoothed loss is
     # averaged over ranks, so every rank stops here together
     if not math.isfinite(smooth_loss):
-        raise TrainingDiverged(f"{phase.name} phase: loss {float(smooth_loss)} by step {step}; the last "
-                               "checkpoint stays")
+        raise TrainingDiverged(f"{phase.name} phase: loss {float(smooth_loss)} by step {step}; last one kept")
     if rank() != 0:
         return
     cuda_rng = torch.cuda.get_rng_state() if args.device == "cuda" else torch.zeros(0, dtype=torch.uint8)
@@ -1398,14 +1345,16 @@ def restore(ckpt, args, loader, log):
     return model, optimizer
 
 
-def check_init_from(ckpt, args, want):
-    """A shallow checkpoint must have the shape (`want`, a model config) these flags would have trained."""
+def load_init_from(args, vocab_size):
+    """--init-from's checkpoint: a shallow one, of the shape these flags would train."""
+    ckpt, want = load_checkpoint(args.init_from), model_config(args.depth, args.final_depth, args, vocab_size)
     if ckpt["phase"] != "shallow":
         raise UsageError(f"{args.init_from} is a {ckpt['phase']} checkpoint: --init-from takes a shallow.pt")
     have, want = ckpt["model_config"], asdict(want)
     wrong = [f"{k}={have[k]} (this run: {want[k]})" for k in have if k != "ve_layers" and have[k] != want[k]]
     if wrong:
         raise UsageError(f"--init-from does not fit: {', '.join(wrong)}; use its own flags and data")
+    return ckpt
 
 
 def resume_point(args):
@@ -1429,13 +1378,11 @@ def resume_point(args):
 
 def check_run_dir(args):
     """Refuse to mix a new run into a folder holding another one, finished or not, without --overwrite."""
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UsageError(f"--out-dir {args.out_dir} is a file: choose a folder")
     init_dir = os.path.dirname(os.path.abspath(args.init_from or ""))
     if args.init_from and os.path.realpath(init_dir) == os.path.realpath(args.out_dir):
         raise UsageError(f"--init-from {args.init_from} lies in the --out-dir this run clears: use another")
     found = [name for name in CHECKPOINTS if os.path.exists(os.path.join(args.out_dir, name))]
-    if found and not (args.resume or args.overwrite):  # a folder with metrics but no checkpoint has nothing to lose
+    if found and not (args.resume or args.overwrite):  # a folder without checkpoints has nothing to lose
         which = "a finished run" if "final.pt" in found else "an unfinished run (--resume continues it)"
         raise UsageError(f"{args.out_dir} holds {which}: pass --overwrite or choose another --out-dir")
 
@@ -1471,7 +1418,7 @@ class MetricsLog:
     """Prints the log's lines and appends their records to metrics.jsonl (rank 0 only), counting them."""
 
     def __init__(self, path, lines):
-        self.path, self.lines = path, lines  # lines: records written so far (a checkpoint keeps it, for --resume)
+        self.path, self.lines = path, lines  # lines: records written (a checkpoint keeps it, for --resume)
 
     def __call__(self, line=None, **record):
         if rank() != 0:
@@ -1487,17 +1434,22 @@ class MetricsLog:
             self.lines += 1
 
 
-def keep_freed_memory():
+def native_bf16():
+    """Does this CPU compute bf16 in hardware (AVX512-BF16 or AMX)? Linux says in /proc/cpuinfo."""
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def keep_freed_memory(args):
     """
     CPU runs under glibc: keep freed memory instead of handing big buffers back to the OS and mapping
     them again every step (about 1.45x faster, experiments.md). Thresholds as C ints: 2**32 would be 0.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if args.device != "cpu" or platform.libc_ver()[0] != "glibc":  # musl, macOS, Windows: other allocators
         return
     libc = ctypes.CDLL("libc.so.6")
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # mallopt's option numbers (malloc.h)
-    for option, value in ((M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 2**30), (M_MMAP_THRESHOLD, 2**30)):
-        libc.mallopt(option, value)
+    for option, value in ((-1, 2**31 - 1), (-2, 2**30), (-3, 2**30)):  # M_TRIM_THRESHOLD, M_TOP_PAD,
+        libc.mallopt(option, value)  # M_MMAP_THRESHOLD (malloc.h's option numbers)
 
 
 # Several processes under torchrun: one data-parallel replica each. They start from the same seed, so
@@ -1509,11 +1461,6 @@ def rank():
 
 def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def say(text):
-    if rank() == 0:
-        print(text, flush=True)
 
 
 def setup_distributed(device):
@@ -1541,15 +1488,6 @@ def check_replicas_agree(model):
         gathered = [torch.empty_like(sums) for _ in range(world_size())]
         dist.all_gather(gathered, sums)
         assert all(torch.equal(g, gathered[0]) for g in gathered), "the ranks' weights diverged"
-
-
-def leave_distributed():
-    """Leave together, then skip the interpreter's teardown: with gloo it can abort at exit."""
-    if world_size() > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        os._exit(0)
 
 
 if __name__ == "__main__":
