@@ -6,12 +6,12 @@ whole block of layers g times (L1..L4 -> L1..L4,L1..L4), train the deep model. T
 whether the shallow phase buys the deep model a head start worth more than the compute it cost.
 The file reads in the order the data flows, the lesson first and the plumbing last:
 
-    constants -> model -> optimizer -> schedules -> stacking -> planning -> evaluation -> data
-      -> the two-phase loop (train shallow, stack, train deep) -> reports -> flags -> plumbing
+    constants -> model -> optimizer -> schedules -> stacking -> planning (and the plan's cost) -> evaluation
+      -> data -> the two-phase loop (train shallow, stack, train deep) -> reports -> flags -> plumbing
 
 The model and optimizer follow nanochat's base model (Feb 2026): rotary, QK-norm, ReLU^2, value
-embeddings, per-layer lambdas, Muon + AdamW. The file runs alone (torch and numpy) on a data
-folder written by prepare_data.py. Examples:
+embeddings, per-layer lambdas, Muon + AdamW. The file runs alone (torch, numpy and tiktoken) on a
+data folder written by prepare_data.py. Examples:
 
     python stack_gpt.py --depth 6 --stack-to 12   # a d6 grown into a d12 ("d6s12" in the write-up)
     python stack_gpt.py --depth 12                # the plain d12 baseline on the same FLOPs
@@ -642,6 +642,41 @@ CPU_QUICK_START = ("python stack_gpt.py --depth 2 --stack-to 4 --aspect-ratio 32
 MEMORIZING_EPOCHS = 10  # past this many passes over the train tokens, a model starts to memorize them
 
 
+def cheap_token_ceiling(shallow, deep, total_flops):
+    """
+    The saving that growth gives if its whole gain is that the shallow phase's tokens cost less. Were a
+    shallow token to teach as much as a deep one, the run would reach the baseline's final loss having
+    paid f_shallow instead of f_deep for each shallow token: shallow.flops * (f_deep / f_shallow - 1)
+    saved, of the baseline's total_flops (a plan's own total: the baseline that spends the same). A shallow
+    phase with as many tokens as the whole baseline gets there before growing: 1 - f_shallow / f_deep.
+    A reference, not a bound: a larger saving means the shallow model learned more per token, the growth
+    itself helped, or the baseline was weak. In the acceleration report's units: speedup = s / (1 - s).
+    """
+    cost = shallow.flops_per_token / deep.flops_per_token  # of a deep token, for each shallow one
+    return min(shallow.flops / total_flops * (1 / cost - 1), 1 - cost)
+
+
+def describe_plan(phases, args, meta):
+    """What the run will do, in FLOPs and tokens, before it starts."""
+    lines = [f"{p.name}: {p.config.n_layer} layers x {p.config.n_embd} wide, {p.config.n_head} heads | "
+             f"{p.steps} steps x {p.batch_size:,} tokens | {p.flops_per_token:.3e} FLOPs/token | "
+             f"{p.flops:.3e} FLOPs | warmdown {p.warmdown_ratio} | wd {p.weight_decay:.4f}" for p in phases]
+    tokens, total_flops = sum(p.batch_size * p.steps for p in phases), phases[0].run_flops
+    epochs = tokens / meta["train_tokens"]
+    lines.append(f"total: {total_flops:.3e} FLOPs, {tokens:,} tokens" + (
+        f" = {epochs:.2f} epochs of the {meta['train_tokens']:,} train tokens" if epochs > 1 else "") + (
+        f" | one LR schedule, warmdown {args.warmdown_ratio}" if args.schedule == "global" else ""))
+    if args.stacked and not phases[0].flops_before:
+        ceiling = cheap_token_ceiling(phases[0], phases[1], total_flops)
+        lines.append(f"growth after {phases[0].flops / total_flops:.1%} of the FLOPs | cheap-token ceiling "
+                     f"{ceiling:.1%} saved (speedup {ceiling / (1 - ceiling):.1%}) if all tokens teach alike")
+    if epochs > MEMORIZING_EPOCHS:
+        lines.append(f"this plan reads the train tokens {epochs:.0f} times: past about {MEMORIZING_EPOCHS} a "
+                     "model memorizes them and val bpb means little; build a larger dataset (python "
+                     "prepare_data.py --dataset pylibs, or fineweb-edu) or lower --ratio")
+    return "\n".join(lines)
+
+
 def measure_flops_per_second(config, args):
     """
     This machine's speed, in FLOP/s, on forwards and backwards of a scratch copy of the first model.
@@ -690,41 +725,6 @@ def announce_plan(phases, args, meta, val_tokens, log):
         raise UsageError("this plan is sized for a GPU: run the README's quick start on a CPU "
                          f"({CPU_QUICK_START}), or pass --device cpu to train it here anyway")
     return seconds
-
-
-def cheap_token_ceiling(shallow, deep, total_flops):
-    """
-    The saving that growth gives if its whole gain is that the shallow phase's tokens cost less. Were a
-    shallow token to teach as much as a deep one, the run would reach the baseline's final loss having
-    paid f_shallow instead of f_deep for each shallow token: shallow.flops * (f_deep / f_shallow - 1)
-    saved, of the baseline's total_flops (a plan's own total: the baseline that spends the same). A shallow
-    phase with as many tokens as the whole baseline gets there before growing: 1 - f_shallow / f_deep.
-    A reference, not a bound: a larger saving means the shallow model learned more per token, the growth
-    itself helped, or the baseline was weak. In the acceleration report's units: speedup = s / (1 - s).
-    """
-    cost = shallow.flops_per_token / deep.flops_per_token  # of a deep token, for each shallow one
-    return min(shallow.flops / total_flops * (1 / cost - 1), 1 - cost)
-
-
-def describe_plan(phases, args, meta):
-    """What the run will do, in FLOPs and tokens, before it starts."""
-    lines = [f"{p.name}: {p.config.n_layer} layers x {p.config.n_embd} wide, {p.config.n_head} heads | "
-             f"{p.steps} steps x {p.batch_size:,} tokens | {p.flops_per_token:.3e} FLOPs/token | "
-             f"{p.flops:.3e} FLOPs | warmdown {p.warmdown_ratio} | wd {p.weight_decay:.4f}" for p in phases]
-    tokens, total_flops = sum(p.batch_size * p.steps for p in phases), phases[0].run_flops
-    epochs = tokens / meta["train_tokens"]
-    lines.append(f"total: {total_flops:.3e} FLOPs, {tokens:,} tokens" + (
-        f" = {epochs:.2f} epochs of the {meta['train_tokens']:,} train tokens" if epochs > 1 else "") + (
-        f" | one LR schedule, warmdown {args.warmdown_ratio}" if args.schedule == "global" else ""))
-    if args.stacked and not phases[0].flops_before:
-        ceiling = cheap_token_ceiling(phases[0], phases[1], total_flops)
-        lines.append(f"growth after {phases[0].flops / total_flops:.1%} of the FLOPs | cheap-token ceiling "
-                     f"{ceiling:.1%} saved (speedup {ceiling / (1 - ceiling):.1%}) if all tokens teach alike")
-    if epochs > MEMORIZING_EPOCHS:
-        lines.append(f"this plan reads the train tokens {epochs:.0f} times: past about {MEMORIZING_EPOCHS} a "
-                     "model memorizes them and val bpb means little; build a larger dataset (python "
-                     "prepare_data.py --dataset pylibs, or fineweb-edu) or lower --ratio")
-    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------

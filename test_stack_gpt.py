@@ -9,7 +9,6 @@ CUDA tests run only where a GPU is visible.
 
 import ast
 import base64
-import contextlib
 import gc
 import http.server
 import json
