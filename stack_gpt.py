@@ -18,6 +18,7 @@ data folder written by prepare_data.py. Examples:
 """
 
 import argparse
+import base64
 import ctypes
 import json
 import math
@@ -36,7 +37,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tiktoken.load import load_tiktoken_bpe
 
 # -----------------------------------------------------------------------------
 # Constants: nanochat's, each named once
@@ -51,6 +51,9 @@ MUON_BETA2 = 0.95  # NorMuon's running mean of the squared update
 LOSS_EMA_DECAY = 0.9  # the logged train loss is smoothed over roughly the last 10 steps
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype
 GROW_OPERATORS = ("stack", "interleave", "identity", "random")  # --grow
+PEAK_BF16_FLOPS = [  # (substrings of the device name, dense bf16 FLOP/s); the first match wins
+    (("h100", "pcie"), 756e12), (("h100", "nvl"), 835e12), (("h100",), 989e12), (("h200",), 989e12),
+    (("b200",), 2.25e15), (("a100",), 312e12), (("l40s",), 362e12), (("4090",), 165.2e12)]
 
 
 class UsageError(Exception):
@@ -236,9 +239,8 @@ class GPT(nn.Module):
         generator = torch.Generator(ids.device).manual_seed(seed)
         for _ in range(max_tokens):
             logits = self(ids[:, -self.config.sequence_len:])[:, -1]
-            if top_k:  # only the k most likely tokens can be drawn
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, -math.inf)
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # only the top k are drawn
+            logits = logits.masked_fill(logits < kth, -math.inf)
             next_id = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator)
             ids = torch.cat([ids, next_id], dim=1)
         return ids[0, len(prompt):].tolist()
@@ -681,12 +683,13 @@ def measure_flops_per_second(config, args):
     """
     This machine's speed, in FLOP/s, on forwards and backwards of a scratch copy of the first model.
     On a GPU: one micro-batch, compiled if the run will be, freed before training (it needs no more memory
-    than training). On a CPU: eager, one row, its context cut to a power of 2 near 2e10 FLOPs a call, so
-    that a plan sized for a GPU is judged in seconds. One call warms up; the median of the next 3 counts.
+    than training). On a CPU: eager, and cut to about 2e10 FLOPs a call, so that a plan sized for a GPU is
+    judged in seconds. One call warms up; the median of the next 3 counts.
     """
     rows, tokens = args.device_batch_size, args.seq_len
-    if args.device == "cpu":
-        rows, tokens = 1, min(tokens, 2 ** max(3, round(math.log2(2e10 / measure(config)[1]))))
+    if args.device == "cpu":  # about 2e10 FLOPs a call: a shorter context, then fewer rows
+        tokens = min(tokens, 2 ** max(3, round(math.log2(2e10 / measure(config)[1]))))
+        rows = max(1, min(rows, round(2e10 / (measure(config)[1] * tokens))))
     with torch.random.fork_rng(devices=[]):  # a scratch model: its random init leaves the run's own unchanged
         scratch = empty_model(replace(config, sequence_len=tokens), args.device, PRECISIONS[args.dtype])
     step_model = torch.compile(scratch, dynamic=False) if args.compile and args.device == "cuda" else scratch
@@ -709,16 +712,18 @@ def announce_plan(phases, args, meta, val_tokens, log):
     """
     Before anything is written: print the plan, time this machine, print the estimate (training and the
     evaluations, forward only: a third of a training token's FLOPs). A plan that would take a CPU more than
-    a day stops here unless --device cpu was given. Returns the estimate in seconds.
+    a day stops here unless --device cpu was given (or torchrun: several processes chose their hardware, and
+    a refusal must not hang on their timings differing). Returns the estimate in seconds.
     """
     log(describe_plan(phases, args, meta))
     speed = measure_flops_per_second(phases[0].config, args) * world_size()
     evals = [math.ceil(p.steps / args.eval_every) + 1 if args.eval_every else 1 for p in phases]  # step 0 too
     seconds = sum(p.flops + n * val_tokens * p.flops_per_token / 3 for p, n in zip(phases, evals)) / speed
-    when = f"{seconds / 86400:.1f} days" if seconds > 2 * 86400 else f"{seconds / 60:.1f} minutes"
+    when = f"{seconds / 86400:.1f} days" if seconds > 86400 else f"{seconds / 60:.1f} minutes"
     log(f"estimated time: about {when} on this {args.device} ({speed:.3g} FLOP/s timed in forwards and "
         "backwards of the first model; optimizer steps not counted)")
-    if args.device == "cpu" and args.dtype == "fp32" and native_bf16():
+    cpu = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []  # Linux's CPU flags
+    if args.device == "cpu" and args.dtype == "fp32" and ("avx512_bf16" in cpu or "amx_bf16" in cpu):
         log("this CPU has native bf16: --dtype bf16 --compile ran the quick start's step 1.4-1.7x faster "
             "on two such CPUs (experiments.md); fp32, the default, gives the same numbers on every machine")
     if seconds > 86400 and args.device == "cpu" and not (args.device_given or args.plan or world_size() > 1):
@@ -791,8 +796,10 @@ def load_tokenizer(data_dir):
     path = os.path.join(data_dir, "tokenizer.tiktoken")
     if not os.path.isfile(path):  # a GPT-2 dataset built without the GPT-2 ranks at hand
         return None
+    words = open(path, "rb").read().split()  # a "base64-of-the-token's-bytes rank" line per token
+    ranks = {base64.b64decode(token): int(rank) for token, rank in zip(words[::2], words[1::2])}
     meta = json.load(open(os.path.join(data_dir, "meta.json")))
-    return tiktoken.Encoding(meta["name"], pat_str=meta["pattern"], mergeable_ranks=load_tiktoken_bpe(path),
+    return tiktoken.Encoding(meta["name"], pat_str=meta["pattern"], mergeable_ranks=ranks,
                              special_tokens=meta["special_tokens"])
 
 
@@ -916,19 +923,19 @@ def train(args, phases, loader, val, token_bytes, log, resume=None, init=None):
     smooth_loss = torch.tensor(resume["smooth_loss"] if start_step else 0.0, device=args.device)  # loss EMA
     val_bpb = dict(resume["val_bpb"]) if resume else {}
     for phase in phases[first:]:
+        # Deep step 0's val bpb can jump (in the README's quick start, above an untrained model's): the second
+        # pass of copies reads a residual stream that the first pass has already written to, which these
+        # layers never saw in training. Within about a hundred steps it is below where the shallow model
+        # stopped. (--grow identity starts the copies as pass-throughs: no jump, no head start.)
         if model.config.n_layer != phase.config.n_layer:  # the shallow phase is over: grow
             layer_map = growth_layer_map(args.depth, args.stack_to // args.depth, args.grow)
             deep = stack_model(model, args.stack_to // args.depth, args.grow)
             deep_optimizer = build_optimizer(deep, args, phase.batch_size, phase.weight_decay)
             if args.grow_optim == "carry":
                 carry_optimizer_state(model, optimizer, deep, deep_optimizer, layer_map)
-            model, optimizer = deep, deep_optimizer  # nothing holds the shallow ones now: memory freed
+            model, optimizer = deep, deep_optimizer  # the shallow ones go with step_model, just below
             log(f"grew {args.depth} -> {args.stack_to} layers by {args.grow}, optimizer {args.grow_optim}")
             print_sample(model, "right after growth", args)
-            # Deep step 0's val bpb can jump (in the README's quick start, above an untrained model's): the
-            # second pass of copies reads a residual stream that the first pass has already written to, which
-            # these layers never saw in training. Within about a hundred steps it is below where the shallow
-            # model stopped. (--grow identity starts the copies as pass-throughs: no jump, no head start.)
         step_model = torch.compile(model, dynamic=False) if args.compile else model
         phase_start = last_log = time.time()
         last_log_step = start_step
@@ -1015,21 +1022,21 @@ def launch(args):
     meta, train_shards, val_shards, token_bytes = load_data(args.data)
     init = load_init_from(args, meta["vocab_size"]) if args.init_from else None
     baseline = read_metrics(args.baseline) if args.baseline else None
-    phases = plan_phases(args, meta["vocab_size"], *((init["flops"], init["step"]) if init else ()),
-                         world=world_size())
+    spent = (init["flops"], init["step"]) if init else (None, 0)  # by --init-from's shallow phase
+    phases = plan_phases(args, meta["vocab_size"], *spent, world=world_size())
     val = val_batches(val_shards, args.eval_tokens, args.seq_len, args.device_batch_size, args.device)
     loader = TokenWindows(train_shards, args.seq_len, args.seed, args.device, rank(), world_size())
     log = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), resume["metrics_lines"] if resume else 0)
-    if not resume:
+    if args.device == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls outside autocast
+    if not resume or args.plan:
         seconds = announce_plan(phases, args, meta, sum(x.numel() for x, _ in val), log)
-        if args.plan:
-            return
+    if args.plan:
+        return
     if rank() == 0:
         prepare_run_dir(args, log.lines)  # before anyone logs to it; a resumed run keeps its lines
     if not resume:  # the plan is the first record of metrics.jsonl
         log(kind="plan", phases=[{**asdict(p), "flops": p.flops} for p in phases], estimated_seconds=seconds)
-    if args.device == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls outside autocast
     start = time.time()
     token_bytes = torch.tensor(token_bytes, device=args.device)
     val_bpb = train(args, phases, loader, val[rank()::world_size()], token_bytes, log, resume, init)
@@ -1050,12 +1057,9 @@ def launch(args):
 
 
 # -----------------------------------------------------------------------------
-# Reports: the summary after training, and the acceleration report against a baseline (--baseline,
-# --compare; experiments/sweeps.py imports it too)
+# Reports: the acceleration report against a baseline (--baseline, --compare; experiments/sweeps.py
+# imports it too)
 
-PEAK_BF16_FLOPS = [  # (substrings of the device name, dense bf16 FLOP/s); the first match wins
-    (("h100", "pcie"), 756e12), (("h100", "nvl"), 835e12), (("h100",), 989e12), (("h200",), 989e12),
-    (("b200",), 2.25e15), (("a100",), 312e12), (("l40s",), 362e12), (("4090",), 165.2e12)]
 
 
 def read_metrics(path):
@@ -1371,7 +1375,7 @@ def resume_point(args):
     ckpt = max(found, key=lambda c: (c["phase"] != "shallow", c["step"]))  # a later phase, then a later step
     # the machine's settings come from this command, everything else from the run's own flags; flags added
     # since the checkpoint was written take their defaults
-    machine = {k: getattr(args, k) for k in ("device", "compile", "dtype", "out_dir")}
+    machine = {k: getattr(args, k) for k in ("device", "compile", "dtype", "out_dir", "plan")}
     defaults = vars(get_parser().parse_args([]))
     return ckpt, argparse.Namespace(**{**defaults, **ckpt["args"], **machine, "resume": True})
 
@@ -1434,12 +1438,6 @@ class MetricsLog:
             self.lines += 1
 
 
-def native_bf16():
-    """Does this CPU compute bf16 in hardware (AVX512-BF16 or AMX)? Linux says in /proc/cpuinfo."""
-    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def keep_freed_memory(args):
     """
     CPU runs under glibc: keep freed memory instead of handing big buffers back to the OS and mapping
@@ -1447,9 +1445,10 @@ def keep_freed_memory(args):
     """
     if args.device != "cpu" or platform.libc_ver()[0] != "glibc":  # musl, macOS, Windows: other allocators
         return
-    libc = ctypes.CDLL("libc.so.6")
-    for option, value in ((-1, 2**31 - 1), (-2, 2**30), (-3, 2**30)):  # M_TRIM_THRESHOLD, M_TOP_PAD,
-        libc.mallopt(option, value)  # M_MMAP_THRESHOLD (malloc.h's option numbers)
+    libc = ctypes.CDLL("libc.so.6")  # mallopt's options (malloc.h): M_MMAP_THRESHOLD -3, M_TRIM_THRESHOLD -1,
+    if libc.mallopt(-3, 2**30):  # M_TOP_PAD -2; a glibc that refuses so high a threshold keeps its defaults
+        for option, value in ((-1, 2**31 - 1), (-2, 2**30)):
+            libc.mallopt(option, value)
 
 
 # Several processes under torchrun: one data-parallel replica each. They start from the same seed, so

@@ -922,6 +922,33 @@ def test_a_run_prints_text_before_and_after_growth(tiny_data, tmp_path, capsys):
         f"sample at the end of the baseline phase: none, {no_tokenizer} has no tokenizer.tiktoken to decode it with"]
 
 
+def test_resume_with_plan_writes_nothing(tiny_data, tmp_path, capsys):
+    """--resume --plan: the interrupted run's plan and estimate, and its folder left as it was."""
+    out = tmp_path / "run"
+    sg.main(TINY + ["--data", tiny_data, "--out-dir", str(out), "--save-every", "3", "--sample-tokens", "0"])
+    os.remove(out / "final.pt")  # as if it had stopped after its last checkpoint.pt
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    capsys.readouterr()
+    sg.main(["--resume", "--out-dir", str(out), "--plan"])
+    assert capsys.readouterr().out.startswith("shallow: 1 layers")
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+def test_samples_decode_with_the_data_folders_own_tokenizer(tiny_data, tmp_path):
+    """The tokenizer is read from the folder each time: a dataset rebuilt at the same path with other ranks
+    decodes with its new ones (tiktoken's own loader would serve the old file from its cache)."""
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_data, folder)
+    assert sg.load_tokenizer(str(folder)).n_vocab == 512
+    path = folder / "tokenizer.tiktoken"
+    path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:300]))  # a 300-token vocabulary
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["special_tokens"] = {"<|endoftext|>": 300}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    tokenizer = sg.load_tokenizer(str(folder))
+    assert tokenizer.n_vocab == 301 and tokenizer.decode(tokenizer.encode("def f(x): pass")) == "def f(x): pass"
+
+
 def test_plan_prints_the_plan_and_writes_nothing(tiny_data, tmp_path, capsys, monkeypatch):
     """--plan: the plan and its estimate, exit 0, no run folder; on a CPU the malloc thresholds are set."""
     calls = []
@@ -933,18 +960,20 @@ def test_plan_prints_the_plan_and_writes_nothing(tiny_data, tmp_path, capsys, mo
 
 
 @pytest.mark.parametrize("libc", [("glibc", "2.36"), ("", "")])
-def test_cpu_runs_keep_freed_memory_on_glibc_only(monkeypatch, libc):
-    """mallopt through ctypes, with values that fit a C int (2**32 would arrive as 0), and only on glibc."""
+@pytest.mark.parametrize("accepts", [1, 0])
+def test_cpu_runs_keep_freed_memory_on_glibc_only(monkeypatch, libc, accepts):
+    """mallopt through ctypes, with values that fit a C int (2**32 would arrive as 0), and only on glibc; a
+    glibc that refuses the mmap threshold (mallopt returns 0) keeps all its defaults."""
     set_options = []
-    fake_libc = types.SimpleNamespace(mallopt=lambda option, value: set_options.append((option, value)) or 1)
+    fake_libc = types.SimpleNamespace(mallopt=lambda option, value: set_options.append((option, value)) or accepts)
     monkeypatch.setattr(sg.ctypes, "CDLL", lambda name: fake_libc if name == "libc.so.6" else None)
     monkeypatch.setattr(sg.platform, "system", lambda: "Linux")
     monkeypatch.setattr(sg.platform, "libc_ver", lambda: libc)
     sg.keep_freed_memory(types.SimpleNamespace(device="cuda"))
     assert set_options == []  # a GPU run's host memory is not the bottleneck
     sg.keep_freed_memory(types.SimpleNamespace(device="cpu"))
-    if libc[0] == "glibc":  # M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD
-        assert set_options == [(-1, 2**31 - 1), (-2, 2**30), (-3, 2**30)]
+    if libc[0] == "glibc":  # M_MMAP_THRESHOLD, then M_TRIM_THRESHOLD and M_TOP_PAD
+        assert set_options == [(-3, 2**30), (-1, 2**31 - 1), (-2, 2**30)][:3 if accepts else 1]
         assert all(0 < value < 2**31 for _, value in set_options)
     else:
         assert set_options == []

@@ -99,13 +99,16 @@ MUTANTS = [  # (id, area, what the bug does, text in stack_gpt.py, its replaceme
      "            model, optimizer = deep, deep_optimizer", "            optimizer = deep_optimizer"),
     ("F1", "first contact", "the guard stops a CPU plan of days even with --device cpu named",
      "not (args.device_given or args.plan", "not (args.plan"),
-    ("F2", "first contact", "--plan goes on to write the run folder", "        if args.plan:\n            return\n", ""),
+    ("F2", "first contact", "--plan goes on to write the run folder", "    if args.plan:\n        return\n", ""),
     ("F3", "first contact", "a folder with metrics but no checkpoint is refused",
      "for name in CHECKPOINTS if os.path.exists", 'for name in CHECKPOINTS + ("metrics.jsonl",) if os.path.exists'),
-    ("F4", "first contact", "a malloc threshold that a C int turns into 0", "((-1, 2**31 - 1), (-2, 2**30), (-3, 2**30))",
-     "((-1, 2**32), (-2, 2**30), (-3, 2**30))"),
+    ("F4", "first contact", "a malloc threshold that a C int turns into 0", "(-1, 2**31 - 1)", "(-1, 2**32)"),
     ("F5", "first contact", "samples draw from training's random state", "1, generator=generator)", "1)"),
     ("F6", "first contact", "the sample ignores the seed", "manual_seed(seed)\n", "manual_seed(0)\n"),
+    ("F7", "first contact", "--resume --plan trains", '"out_dir", "plan")}', '"out_dir")}'),
+    ("F8", "first contact", "the tokenizer read through tiktoken's cache, keyed by the path",
+     "ranks = {base64.b64decode(token): int(rank) for token, rank in zip(words[::2], words[1::2])}",
+     'ranks = __import__("tiktoken.load").load.load_tiktoken_bpe(path)'),
 ]
 
 
