@@ -724,8 +724,8 @@ def announce_plan(phases, args, meta, val_tokens, log):
         "backwards of the first model; optimizer steps not counted)")
     cpu = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []  # Linux's CPU flags
     if args.device == "cpu" and args.dtype == "fp32" and ("avx512_bf16" in cpu or "amx_bf16" in cpu):
-        log("this CPU has native bf16: --dtype bf16 --compile ran the quick start's step 1.4-1.7x faster "
-            "on two such CPUs (experiments.md); fp32, the default, gives the same numbers on every machine")
+        log("this CPU has native bf16: --dtype bf16 --compile ran the quick start's step 1.4-2.0x faster "
+            "on two such CPUs (experiments.md); fp32, the default, keeps results alike across machines")
     if seconds > 86400 and args.device == "cpu" and not (args.device_given or args.plan or world_size() > 1):
         raise UsageError("this plan is sized for a GPU: run the README's quick start on a CPU "
                          f"({CPU_QUICK_START}), or pass --device cpu to train it here anyway")
