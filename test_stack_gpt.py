@@ -2067,6 +2067,60 @@ def test_part3_room_rules_tune_the_baseline_then_the_growth_point_then_its_lr(tm
     assert "- The every-layer baseline minus the tuned one (two value embeddings): -0.0020 ± 0.0000, worse in 0/2" in report
 
 
+def test_part4_fair_baseline_takes_a_change_only_if_it_beats_the_baseline_run_beside_it(tmp_path, monkeypatch):
+    """Part 4, step 1 (experiments.md) on made-up results: the runs, the rule's choice, and the runs it adds."""
+    monkeypatch.chdir(tmp_path)
+    names = lambda sweep: [name for name, _ in sweeps.sweeps()[sweep]]
+    assert names("fair-baseline") == []  # it runs at step 3's tuned LR, not yet chosen
+    for seed in (0, 1):
+        for scale, bpb in {"8": 1.010, "4": 1.020, "16": 1.030}.items():  # Part 3's runs of the baseline: 1.010
+            fake_sweep_run("room-lr", f"lr{scale}-s{seed}", bpb)
+    settings = ("baseline", "warmdown0.7", "warmdown0.3", "weight-decay0.1", "weight-decay0.4")
+    assert names("fair-baseline") == [f"{x}-s{s}" for x in settings for s in (0, 1)]
+    values = lambda sweep, run, *options: [sweeps.flag_value(dict(sweeps.sweeps()[sweep])[run], option)
+                                           for option in options]
+    options = ("--data", "--depth", "--lr-scale", "--warmdown-ratio", "--weight-decay", "--seed")
+    assert values("fair-baseline", "warmdown0.3-s1", *options) == ["data/pylibs-512", "4", "8", "0.3", "0.2", "1"]
+    assert values("fair-baseline", "weight-decay0.4-s0", "--warmdown-ratio", "--weight-decay") == ["0.5", "0.4"]
+    assert values("fair-baseline", "baseline-s0", "--warmdown-ratio", "--weight-decay") == ["0.5", "0.2"]
+    # against the baseline run here (1.000): 0.0019 ahead is a tie, and Part 3's runs (1.010) do not count
+    results = {"baseline": 1.000, "warmdown0.7": 0.9981, "warmdown0.3": 1.003, "weight-decay0.1": 0.9985,
+               "weight-decay0.4": 1.0015}
+    for setting, bpb in results.items():
+        for seed in (0, 1):
+            if (setting, seed) != ("weight-decay0.4", 1):
+                fake_sweep_run("fair-baseline", f"{setting}-s{seed}", bpb)
+    assert sweeps.fair_baseline() is None and names("fair-confirm") == []  # one run to go
+    fake_sweep_run("fair-baseline", "weight-decay0.4-s1", 1.0015)
+    assert sweeps.fair_baseline() == "baseline" and names("fair-confirm") == []
+    report = "\n".join(sweeps.fair_baseline_report())
+    assert "| baseline, Part 3's runs (AMD EPYC) | 1.0100 | 1.0100 | 1.0100 |" in report
+    assert "| warmdown0.7 (warmdown 0.7, weight decay 0.2) | 0.9981 | 0.9981 | 0.9981 |" in report
+    assert "minus Part 3's runs of it, by seed: -0.0100, -0.0100. Each change's mean minus the baseline's here: " \
+           "warmdown0.7 -0.0019, warmdown0.3 +0.0030, weight-decay0.1 -0.0015, weight-decay0.4 +0.0015." in report
+    assert "wins): the baseline stays." in report
+    for seed in (0, 1):  # now two changes are ahead by more than 0.002: the lower mean wins
+        fake_sweep_run("fair-baseline", f"warmdown0.3-s{seed}", 0.9975)
+        fake_sweep_run("fair-baseline", f"weight-decay0.1-s{seed}", 0.997)
+    assert sweeps.fair_baseline() == "weight-decay0.1"
+    assert names("fair-confirm") == [f"weight-decay0.1-s{s}" for s in range(8, 14)]
+    assert values("fair-confirm", "weight-decay0.1-s8", *options) == ["data/pylibs-512", "4", "8", "0.5", "0.1", "8"]
+    assert "wins): weight-decay0.1 becomes the baseline." in "\n".join(sweeps.fair_baseline_report())
+    for seed in (0, 1):  # Part 3's verdict restated once the new baseline has run on the fresh seeds
+        for arm in ("at0.1", "at0.2", "at0.4", "at0.1-lr5.66", "at0.1-lr11.3"):
+            bpb = 1.0 if arm == "at0.1" else 1.005
+            fake_sweep_run("room-grow", f"{arm}-s{seed}", bpb, stacked=True, grow_at=0.1)
+    for seed in range(8, 14):
+        fake_sweep_run("room-confirm", f"at0.1-s{seed}", 0.990 + 0.001 * (seed % 2), stacked=True, grow_at=0.1)
+        if seed < 13:
+            fake_sweep_run("fair-confirm", f"weight-decay0.1-s{seed}", 0.995)
+    assert "fresh seeds" not in "\n".join(sweeps.fair_baseline_report())  # five of six
+    fake_sweep_run("fair-confirm", "weight-decay0.1-s13", 0.995)
+    report = "\n".join(sweeps.fair_baseline_report())
+    assert "Part 3's at0.1 (AMD EPYC) against the new baseline (weight-decay0.1), fresh seeds" in report
+    assert "| 13 | 0.9950 | 0.9910 | -0.0040 |" in report and "Verdict: at0.1 beats the tuned baseline." in report
+
+
 # -----------------------------------------------------------------------------
 # prepare_data.py: datasets, tokenizer, shards and the train/val windows (helpers first)
 

@@ -73,6 +73,12 @@ ROOM_STACKED = ["--depth", "1", "--stack-to", "4"]
 # Its control, added after the verdict: its stacked d4 has a value embedding in every layer (four copies of the d1's),
 # the baseline in two. A d4 baseline with four, on the first four fresh seeds (the time one session had left).
 CONTROL_SEEDS = FRESH_SEEDS[:4]
+# Part 4, step 1: a fairer baseline. Step 3's tuned d4 with one change at a time to its warmdown or its
+# weight decay, seeds 0-1, and the current setting again beside them, so that the rule compares runs of one
+# machine (experiments.md says why). {setting: (--warmdown-ratio, --weight-decay)}
+FAIR_SETTINGS = {"baseline": ("0.5", "0.2"), "warmdown0.7": ("0.7", "0.2"), "warmdown0.3": ("0.3", "0.2"),
+                 "weight-decay0.1": ("0.5", "0.1"), "weight-decay0.4": ("0.5", "0.4")}
+FAIR_CURRENT = "baseline"
 RUNNING_SECONDS = 600  # a metrics file written this recently belongs to a run in progress (see running_elsewhere)
 
 
@@ -119,7 +125,7 @@ def sweeps():
         confirm_stacked += [(f"{name}-s{s}", arms[name] + ["--seed", str(s)]) for name in ahead for s in FRESH_SEEDS]
     return {"fixed-flops": fixed, "recipes": recipes, "warmdown": warmdown, "miniseries": mini, "tune-lr": tune_lr,
             "tune-warmdown": tune_warmdown, "grow-at": grow_at, "confirm": confirm, "tune-stacked": tune_stacked,
-            "confirm-stacked": confirm_stacked, **room_sweeps()}
+            "confirm-stacked": confirm_stacked, **room_sweeps(), **fair_sweeps()}
 
 
 def room_sweeps():
@@ -135,6 +141,41 @@ def room_sweeps():
     confirm += [(f"{best}-s{s}", arms[best] + ["--seed", str(s)]) for s in FRESH_SEEDS if best]
     every_layer_ve = [(f"baseline-s{s}", baseline + [lr, "--seed", str(s)]) for s in CONTROL_SEEDS if best]
     return {"room-lr": room_lr, "room-grow": grow, "room-confirm": confirm, "room-ve": every_layer_ve}
+
+
+def fair_sweeps():
+    """Part 4, step 1's runs, and once its rule has picked a new baseline, that baseline on the fresh seeds."""
+    lr = room_lr()
+    runs = lambda setting, seeds: [(f"{setting}-s{s}", fair_flags(setting, lr) + ["--seed", str(s)])
+                                   for s in seeds]
+    tune = [run for setting in FAIR_SETTINGS for run in runs(setting, TUNING_SEEDS)] if lr else []
+    winner = fair_baseline()
+    confirm = runs(winner, FRESH_SEEDS) if winner not in (None, FAIR_CURRENT) else []
+    return {"fair-baseline": tune, "fair-confirm": confirm}
+
+
+def fair_flags(setting, lr):
+    warmdown, weight_decay = FAIR_SETTINGS[setting]
+    return ["--data", ROOM_DATA, "--depth", "4", "--warmdown-ratio", warmdown, "--lr-scale", lr,
+            "--weight-decay", weight_decay]
+
+
+def fair_baseline():
+    """
+    Part 4, step 1's rule: the change whose mean final val bpb over seeds 0-1 beats the current setting's (run
+    beside it) by more than TIE, the lowest such mean if several do; else the current setting. None until every
+    run has finished.
+    """
+    means = fair_means()
+    if None in means.values():
+        return None
+    ahead = {setting: mean for setting, mean in means.items() if mean < means[FAIR_CURRENT] - TIE}
+    return min(ahead, key=ahead.get) if ahead else FAIR_CURRENT
+
+
+def fair_means():
+    """{setting: its mean final val bpb over seeds 0-1, None until both have finished}."""
+    return {setting: mean_over_seeds("fair-baseline", setting, TUNING_SEEDS) for setting in FAIR_SETTINGS}
 
 
 def room_arms(lr):
@@ -965,6 +1006,41 @@ def value_embedding_control(arm):
         f"- The every-layer baseline minus the tuned one (two value embeddings): {paired_difference(tables)}", ""]
 
 
+def fair_baseline_report():
+    """
+    Part 4, step 1: each setting by seed beside Part 3's runs, the rule's choice, and Part 3's verdict
+    against the new baseline if there is one.
+    """
+    if not any(finished("fair-baseline", name) for name, _ in sweeps()["fair-baseline"]):
+        return []
+    lr = room_lr()
+    rows = {"baseline, Part 3's runs (AMD EPYC)": ("room-lr", f"lr{lr}")}
+    rows |= {f"{name} (warmdown {warmdown}, weight decay {decay})": ("fair-baseline", name)
+             for name, (warmdown, decay) in FAIR_SETTINGS.items()}
+    out = [f"## Part 4, step 1: a fairer baseline (d4, 512-token vocab, --lr-scale {lr}; seeds 0-1)", ""]
+    out += tuning_table("setting", rows) + [""]
+    means = fair_means()
+    current = means.pop(FAIR_CURRENT)
+    if current is not None:
+        here = [final_bpb("fair-baseline", f"{FAIR_CURRENT}-s{s}")["baseline"]
+                - final_bpb("room-lr", f"lr{lr}-s{s}")["baseline"] for s in TUNING_SEEDS]
+        changes = [f"{name} {mean - current:+.4f}" for name, mean in means.items() if mean is not None]
+        out += [f"The baseline here minus Part 3's runs of it, by seed: {', '.join(f'{d:+.4f}' for d in here)}. "
+                f"Each change's mean minus the baseline's here: {', '.join(changes) or 'none finished yet'}.", ""]
+    winner = fair_baseline()
+    if winner is None:
+        return out
+    rule = f"a change must beat the baseline's mean here by more than {TIE}; the lowest such mean wins"
+    decision = "the baseline stays" if winner == FAIR_CURRENT else f"{winner} becomes the baseline"
+    out += [f"By the rule ({rule}): {decision}.", ""]
+    if winner == FAIR_CURRENT:
+        return out
+    arm = best_room_arm(lr)
+    verdict = fresh_seed_verdict(arm, room_run, lambda s: finished_records("fair-confirm", f"{winner}-s{s}"))
+    header = f"## Part 4, step 1: Part 3's {arm} (AMD EPYC) against the new baseline ({winner}), fresh seeds"
+    return out + ([header, ""] + verdict if verdict else [])
+
+
 def report():
     out = []
     base_runs = [s for s in SEEDS if baseline_records(s)]
@@ -986,7 +1062,7 @@ def report():
     for depth, base, stacked in pairs:
         out += [f"## Miniseries at target depth {depth[1:]} (both phases at ratio 10.5, seed 0)", "",
                 stack_gpt.format_report([stack_gpt.acceleration(records(*base), records("miniseries", stacked), stacked)]), ""]
-    out += part2_report() + part3_report()
+    out += part2_report() + part3_report() + fair_baseline_report()
     print("\n".join(out))
     plots(base_runs)
 
