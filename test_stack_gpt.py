@@ -1808,6 +1808,33 @@ def test_compute_ratio_at_the_val_bpb_both_reach():
     assert row["bpb_compute_ratio"] is None
 
 
+def test_plot_runs_curves_and_growth_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """experiments/plot_runs.py: val bpb against FLOPs, growth at the first deep eval; without
+    matplotlib (or given a folder without metrics) one line and exit 2."""
+    import plot_runs  # experiments/ is on sys.path (above)
+
+    def log(phase, evals):
+        return [{"kind": "eval", "phase": phase, "val_bpb": bpb, "flops": flops} for flops, bpb in evals]
+    # made up: the last shallow eval (FLOPs 40) apart from the first deep one (50), a train record between
+    stacked = log("shallow", [(0.0, 3.4), (40.0, 1.7)]) + [{"kind": "train", "phase": "deep", "flops": 45.0}]
+    stacked += log("deep", [(50.0, 4.7), (100.0, 1.4)])
+    assert plot_runs.curves(stacked) == ([(0.0, 3.4), (40.0, 1.7), (50.0, 4.7), (100.0, 1.4)], 50.0)
+    baseline = log("baseline", [(0.0, 3.4), (60.0, 1.6), (100.0, 1.3)])
+    assert plot_runs.curves(baseline) == ([(0.0, 3.4), (60.0, 1.6), (100.0, 1.3)], None)
+    for name, records in (("d2s4", stacked), ("d4", baseline)):
+        (tmp_path / name).mkdir()
+        records = records + [{"kind": "train", "phase": records[0]["phase"], "flops": 1.0}]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    out = ["--out", str(tmp_path / "plot.png")]
+    for runs, hint in ((["d4", "d2s4"], "pip install matplotlib"), (["."], "cannot read the metrics")):
+        with pytest.raises(SystemExit) as exit:
+            plot_runs.main([str(tmp_path / run) for run in runs] + out)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and hint in err and err.count("\n") == 1, err
+    assert not (tmp_path / "plot.png").exists()
+
+
 # Student's t in experiments/sweeps.py (no scipy)
 
 def test_t_p_values_match_the_tables_and_closed_forms():
