@@ -133,6 +133,26 @@ BEHAVIOURS = [
     ("several processes: one process's losses", "D2", "test_two_processes_match_one"),
     ("several processes: the batch split", "D2", "test_ranks_split_every_batch_between_them"),
     ("each epoch in a new shuffled order", "X1", "test_each_epoch_visits_every_window_in_a_new_order"),
+    # issue 33's rewrite: the stacking as a layer map, the loop in one function, first contact
+    ("identity growth: copies pass the residual stream through", "T2", "test_identity_growth_keeps_the_logits"),
+    ("random growth: the later passes are new layers", "T3", "test_random_growth_keeps_sources_and_inits_new_layers"),
+    ("carry: each block from its source's state", "T4", "test_carry_gives_every_copy_its_source_optimizer_state"),
+    ("carry: the per-layer scalars' state by the map", "T6", "test_carry_gives_every_copy_its_source_optimizer_state"),
+    ("global schedule: momentum warmup not restarted", "S5", "test_global_schedule_is_continuous_across_growth"),
+    ("the deep phase trains the grown model", "L5", "test_two_phase_run_end_to_end"),
+    ("cumulative FLOPs across phases", "L4", "test_two_phase_run_end_to_end"),
+    ("resume: the smoothed loss", "R1", "test_killed_run_resumes_to_the_same_result"),
+    ("resume: the data position", "R3", "test_killed_run_resumes_to_the_same_result"),
+    ("the report's saving", "A3", "test_acceleration_report_reproduces_the_writeup"),
+    ("the guard: a CPU plan of days runs when --device cpu is named", "F1",
+     "test_the_guard_stops_a_cpu_plan_of_days_unless_asked_by_name"),
+    ("--plan writes nothing", "F2", "test_plan_prints_the_plan_and_writes_nothing"),
+    ("a folder without a checkpoint is reused", "F3", "test_a_run_stopped_before_its_first_checkpoint"),
+    ("malloc thresholds that fit a C int", "F4", "test_cpu_runs_keep_freed_memory_on_glibc_only"),
+    ("samples leave training's random state alone", "F5", "test_identity_growth_writes_what_the_shallow_model_wrote"),
+    ("samples follow the seed", "F6", "test_identity_growth_writes_what_the_shallow_model_wrote"),
+    ("--resume --plan writes nothing", "F7", "test_resume_with_plan_writes_nothing"),
+    ("the tokenizer read from the data folder", "F8", "test_samples_decode_with_the_data_folders_own_tokenizer"),
 ]
 
 
