@@ -2119,33 +2119,52 @@ def test_part4_fair_baseline_takes_a_change_only_if_it_beats_the_baseline_run_be
                 fake_sweep_run("fair-baseline", f"{setting}-s{seed}", bpb)
     assert sweeps.fair_baseline() is None and names("fair-confirm") == []  # one run to go
     fake_sweep_run("fair-baseline", "weight-decay0.4-s1", 1.0015)
-    assert sweeps.fair_baseline() == "baseline" and names("fair-confirm") == []
+    assert sweeps.fair_baseline() == "baseline"
     report = "\n".join(sweeps.fair_baseline_report())
     assert "| baseline, Part 3's runs (AMD EPYC) | 1.0100 | 1.0100 | 1.0100 |" in report
     assert "| warmdown0.7 (warmdown 0.7, weight decay 0.2) | 0.9981 | 0.9981 | 0.9981 |" in report
     assert "minus Part 3's runs of it, by seed: -0.0100, -0.0100. Each change's mean minus the baseline's here: " \
            "warmdown0.7 -0.0019, warmdown0.3 +0.0030, weight-decay0.1 -0.0015, weight-decay0.4 +0.0015." in report
     assert "wins): the baseline stays." in report
+    assert names("fair-confirm") == []  # Part 3's growth arm is not chosen yet in this made-up history
+    for seed in (0, 1):
+        for arm in ("at0.1", "at0.2", "at0.4", "at0.1-lr5.66", "at0.1-lr11.3"):
+            bpb = 1.0 if arm == "at0.1" else 1.005
+            fake_sweep_run("room-grow", f"{arm}-s{seed}", bpb, stacked=True, grow_at=0.1)
+    # Part 3's confirmation again on this machine, seed by seed, with the chosen baseline and the same growth command
+    assert names("fair-confirm") == [f"{x}-s{s}" for s in range(8, 14) for x in ("baseline", "at0.1")]
+    assert dict(sweeps.sweeps()["fair-confirm"])["at0.1-s9"] == dict(sweeps.sweeps()["room-confirm"])["at0.1-s9"]
+    assert values("fair-confirm", "baseline-s8", *options) == ["data/pylibs-512", "4", "8", "0.5", "0.2", "8"]
+    for seed in range(8, 14):
+        fake_sweep_run("room-confirm", f"at0.1-s{seed}", 0.990 + 0.001 * (seed % 2), stacked=True, grow_at=0.1)
+        fake_sweep_run("room-confirm", f"baseline-s{seed}", 1.0)
+        fake_sweep_run("fair-confirm", f"at0.1-s{seed}", 0.992 + 0.001 * (seed % 2), stacked=True, grow_at=0.1)
+        if seed < 13:
+            fake_sweep_run("fair-confirm", f"baseline-s{seed}", 0.997)
+    with open(f"{sweeps.RUNS}/fair-confirm/baseline-s8/machine.json", "w") as f:
+        json.dump({"cpu": "Some CPU"}, f)
+    report = "\n".join(sweeps.fair_baseline_report())
+    assert "at0.1 against the baseline (baseline), fresh seeds, both run on Some CPU" in report
+    assert "No verdict yet: 5 of 6 seeds." in report and "Verdict" not in report
+    assert "- at0.1 here minus Part 3's run of the seed (AMD EPYC): +0.0020 ± 0.0000, worse in 6/6 seeds" in report
+    assert "- baseline here minus Part 3's run of the seed (AMD EPYC): -0.0030 ± 0.0000, worse in 0/5" in report
+    fake_sweep_run("fair-confirm", "baseline-s13", 0.997)
+    report = "\n".join(sweeps.fair_baseline_report())
+    assert "| 13 | 0.9970 | 0.9930 | -0.0040 |" in report and "Verdict: at0.1 beats the tuned baseline." in report
+    assert "mixed machines" not in report
     for seed in (0, 1):  # now two changes are ahead by more than 0.002: the lower mean wins
         fake_sweep_run("fair-baseline", f"warmdown0.3-s{seed}", 0.9975)
         fake_sweep_run("fair-baseline", f"weight-decay0.1-s{seed}", 0.997)
     assert sweeps.fair_baseline() == "weight-decay0.1"
-    assert names("fair-confirm") == [f"weight-decay0.1-s{s}" for s in range(8, 14)]
+    assert names("fair-confirm") == [f"{x}-s{s}" for s in range(8, 14) for x in ("weight-decay0.1", "at0.1")]
     assert values("fair-confirm", "weight-decay0.1-s8", *options) == ["data/pylibs-512", "4", "8", "0.5", "0.1", "8"]
     assert "wins): weight-decay0.1 becomes the baseline." in "\n".join(sweeps.fair_baseline_report())
-    for seed in (0, 1):  # Part 3's verdict restated once the new baseline has run on the fresh seeds
-        for arm in ("at0.1", "at0.2", "at0.4", "at0.1-lr5.66", "at0.1-lr11.3"):
-            bpb = 1.0 if arm == "at0.1" else 1.005
-            fake_sweep_run("room-grow", f"{arm}-s{seed}", bpb, stacked=True, grow_at=0.1)
-    for seed in range(8, 14):
-        fake_sweep_run("room-confirm", f"at0.1-s{seed}", 0.990 + 0.001 * (seed % 2), stacked=True, grow_at=0.1)
-        if seed < 13:
-            fake_sweep_run("fair-confirm", f"weight-decay0.1-s{seed}", 0.995)
-    assert "fresh seeds" not in "\n".join(sweeps.fair_baseline_report())  # five of six
-    fake_sweep_run("fair-confirm", "weight-decay0.1-s13", 0.995)
+    for seed in range(8, 14):  # Part 3's verdict restated against the new baseline, on both machines' growth runs
+        fake_sweep_run("fair-confirm", f"weight-decay0.1-s{seed}", 0.995)
     report = "\n".join(sweeps.fair_baseline_report())
-    assert "Part 3's at0.1 (AMD EPYC) against the new baseline (weight-decay0.1), fresh seeds" in report
-    assert "| 13 | 0.9950 | 0.9910 | -0.0040 |" in report and "Verdict: at0.1 beats the tuned baseline." in report
+    assert "| 13 | 0.9950 | 0.9930 | -0.0020 |" in report and "- baseline here minus" not in report
+    assert "Part 3's at0.1 (AMD EPYC) against the new baseline (weight-decay0.1): mixed machines" in report
+    assert "| 13 | 0.9950 | 0.9910 | -0.0040 |" in report and report.count("Verdict: at0.1 beats") == 2
 
 
 # -----------------------------------------------------------------------------

@@ -17,8 +17,10 @@ Checkpoints (*.pt) stay out of git; metrics.jsonl and config.json are kept.
 import argparse
 import fcntl
 import itertools
+import json
 import math
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +29,7 @@ import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import stack_gpt  # noqa: E402  (the acceleration arithmetic of its --compare)
+import torch  # noqa: E402
 
 RUNS = "experiments/runs"
 DATA = "data/pylibs-2048"
@@ -79,6 +82,9 @@ CONTROL_SEEDS = FRESH_SEEDS[:4]
 FAIR_SETTINGS = {"baseline": ("0.5", "0.2"), "warmdown0.7": ("0.7", "0.2"), "warmdown0.3": ("0.3", "0.2"),
                  "weight-decay0.1": ("0.5", "0.1"), "weight-decay0.4": ("0.5", "0.4")}
 FAIR_CURRENT = "baseline"
+# The CPU of the runs made before sweeps.py wrote machine.json beside each (experiments.md names them)
+UNRECORDED_MACHINES = {**dict.fromkeys(("room-lr", "room-grow", "room-confirm", "room-ve"), "AMD EPYC"),
+                       "fair-baseline": "Intel(R) Xeon(R) Processor"}
 RUNNING_SECONDS = 600  # a metrics file written this recently belongs to a run in progress (see running_elsewhere)
 
 
@@ -144,13 +150,17 @@ def room_sweeps():
 
 
 def fair_sweeps():
-    """Part 4, step 1's runs, and once its rule has picked a new baseline, that baseline on the fresh seeds."""
+    """
+    Part 4, step 1's runs, and once its rule has chosen the baseline, Part 3's confirmation again on this machine:
+    that baseline and Part 3's growth arm on the fresh seeds, seed by seed, so that a part of it still pairs.
+    """
     lr = room_lr()
     runs = lambda setting, seeds: [(f"{setting}-s{s}", fair_flags(setting, lr) + ["--seed", str(s)])
                                    for s in seeds]
     tune = [run for setting in FAIR_SETTINGS for run in runs(setting, TUNING_SEEDS)] if lr else []
-    winner = fair_baseline()
-    confirm = runs(winner, FRESH_SEEDS) if winner not in (None, FAIR_CURRENT) else []
+    winner, arm = fair_baseline(), best_room_arm(lr) if lr else None
+    confirm = [run for s in FRESH_SEEDS for run in runs(winner, [s]) + [(f"{arm}-s{s}", room_arms(lr)[arm] + [
+        "--seed", str(s)])]] if winner and arm else []
     return {"fair-baseline": tune, "fair-confirm": confirm}
 
 
@@ -410,6 +420,27 @@ def run(names, seeds):
                  f"(rm -r {os.path.dirname(shallow)}; python experiments/sweeps.py run {sweep})")
         print(" ".join(command(sweep, name, flags)), flush=True)
         subprocess.run(command(sweep, name, flags) + ["--overwrite"], check=True)
+        with open(f"{RUNS}/{sweep}/{name}/machine.json", "w") as f:
+            json.dump(this_machine(), f, indent=2)
+
+
+def this_machine():
+    """
+    What a run's numbers depend on beyond its command (experiments.md, Part 4: the same command on two CPUs
+    does not retrace itself): the CPU, the kernels torch picks for it, torch, and the threads.
+    """
+    try:  # Linux names the model here; elsewhere platform's word will have to do
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def machine_of(sweep, name):
+    """The CPU a run ran on: its machine.json, else the one experiments.md names for the runs before it."""
+    path = f"{RUNS}/{sweep}/{name}/machine.json"
+    return json.load(open(path))["cpu"] if os.path.exists(path) else UNRECORDED_MACHINES.get(sweep, "an unrecorded CPU")
 
 
 # -----------------------------------------------------------------------------
@@ -1033,12 +1064,31 @@ def fair_baseline_report():
     rule = f"a change must beat the baseline's mean here by more than {TIE}; the lowest such mean wins"
     decision = "the baseline stays" if winner == FAIR_CURRENT else f"{winner} becomes the baseline"
     out += [f"By the rule ({rule}): {decision}.", ""]
+    return out + fair_confirm_report(winner, best_room_arm(lr))
+
+
+def fair_confirm_report(winner, arm):
+    """
+    Part 4, step 1: Part 3's confirmation again on this machine (the rule's verdict once all six seeds pair),
+    what the change of machine did to each arm, and, if the baseline changed, Part 3's runs against it.
+    """
+    here = lambda name, s: finished_records("fair-confirm", f"{name}-s{s}")
+    rows = seed_rows(lambda s: here(arm, s), lambda s: here(winner, s), FRESH_SEEDS)
+    if not rows:
+        return []
+    machine = machine_of("fair-confirm", f"{winner}-s{next(iter(rows))}")
+    out = [f"## Part 4, step 1: {arm} against the baseline ({winner}), fresh seeds, both run on {machine}", ""]
+    verdict = fresh_seed_verdict(arm, here, lambda s: here(winner, s))
+    out += verdict or seed_by_seed(arm, rows) + ["", f"No verdict yet: {len(rows)} of {len(FRESH_SEEDS)} seeds."]
+    for name in [arm] + [winner] * (winner == FAIR_CURRENT):  # the runs Part 3 made too, under the same names
+        shift = [mean_over_seeds("fair-confirm", name, [s]) - mean_over_seeds("room-confirm", name, [s])
+                 for s in FRESH_SEEDS if finished("fair-confirm", f"{name}-s{s}")]
+        out += [f"- {name} here minus Part 3's run of the seed (AMD EPYC): {paired_difference(shift)}"]
     if winner == FAIR_CURRENT:
-        return out
-    arm = best_room_arm(lr)
-    verdict = fresh_seed_verdict(arm, room_run, lambda s: finished_records("fair-confirm", f"{winner}-s{s}"))
-    header = f"## Part 4, step 1: Part 3's {arm} (AMD EPYC) against the new baseline ({winner}), fresh seeds"
-    return out + ([header, ""] + verdict if verdict else [])
+        return out + [""]
+    verdict = fresh_seed_verdict(arm, room_run, lambda s: here(winner, s))
+    header = f"## Part 4, step 1: Part 3's {arm} (AMD EPYC) against the new baseline ({winner}): mixed machines"
+    return out + (["", header, ""] + verdict if verdict else [""])
 
 
 def report():
