@@ -1880,15 +1880,16 @@ def test_rank_tests_need_no_normality():
 
 
 
-def fake_sweep_run(sweep, name, final_bpb, stacked=False, grow_at=0.2):
+def fake_sweep_run(sweep, name, final_bpb, stacked=False, grow_at=0.2, budget=8.66e13, start_bpb=3.0):
     """
-    A finished run's metrics as sweeps.py reads them: val bpb falling in a straight line from 3.0 to final_bpb. A stacked
-    run's plan grows after `grow_at` of the budget from a shallow model at 0.6 of the deep one's FLOPs per token.
+    A finished run's metrics as sweeps.py reads them: val bpb falling in a straight line from start_bpb to final_bpb.
+    A stacked run's plan grows after `grow_at` of the budget from a shallow model at 0.6 of the deep one's FLOPs per token.
     """
-    budget, phase = 8.66e13, ("deep" if stacked else "baseline")
+    phase = "deep" if stacked else "baseline"
     shallow, deep = {"flops": grow_at * budget, "flops_per_token": 0.6}, {"flops": (1 - grow_at) * budget, "flops_per_token": 1}
     plan = {"kind": "plan", "phases": [shallow, deep]}
-    evals = [{"kind": "eval", "phase": phase, "step": i, "flops": budget * i / 10, "val_bpb": 3.0 + (final_bpb - 3.0) * i / 10}
+    evals = [{"kind": "eval", "phase": phase, "step": i, "flops": budget * i / 10,
+              "val_bpb": start_bpb + (final_bpb - start_bpb) * i / 10}
              for i in range(11)]
     trains = [{"kind": "train", "phase": phase, "step": i, "flops": r["flops"], "loss": r["val_bpb"] * 2} for i, r in enumerate(evals)]
     summary = {"kind": "summary", "val_bpb": {**({"shallow": 1.7} if stacked else {}), phase: final_bpb}, "flops": budget}
@@ -2165,6 +2166,97 @@ def test_part4_fair_baseline_takes_a_change_only_if_it_beats_the_baseline_run_be
     assert "| 13 | 0.9950 | 0.9930 | -0.0020 |" in report and "- baseline here minus" not in report
     assert "Part 3's at0.1 (AMD EPYC) against the new baseline (weight-decay0.1): mixed machines" in report
     assert "| 13 | 0.9950 | 0.9910 | -0.0040 |" in report and report.count("Verdict: at0.1 beats") == 2
+
+
+def test_part4_steps_2_to_4_pair_with_the_confirmation_here_and_apply_their_rules(tmp_path, monkeypatch):
+    """Part 4, steps 2-4 (experiments.md) on made-up results: the runs each lists, the measures and the verdicts."""
+    monkeypatch.chdir(tmp_path)
+    names = lambda sweep: [name for name, _ in sweeps.sweeps()[sweep]]
+    for seed in (0, 1):  # step 3's history and step 1's: Part 3's at0.1 and the baseline, which stays
+        for scale, bpb in {"8": 1.010, "4": 1.020, "16": 1.030}.items():
+            fake_sweep_run("room-lr", f"lr{scale}-s{seed}", bpb)
+        for arm in ("at0.1", "at0.2", "at0.4", "at0.1-lr5.66", "at0.1-lr11.3"):
+            fake_sweep_run("room-grow", f"{arm}-s{seed}", 1.0 if arm == "at0.1" else 1.005, stacked=True, grow_at=0.1)
+        for setting in sweeps.FAIR_SETTINGS:
+            fake_sweep_run("fair-baseline", f"{setting}-s{seed}", 1.0)
+    seeds, ratios = range(8, 14), ("12.075", "13.65", "15.75")
+    assert names("equal-loss") == [f"baseline-ratio{r}-s{s}" for s in range(8, 12) for r in ratios]
+    assert names("horizon") == [f"{x}-ratio21-s{s}" for s in range(8, 12) for x in ("baseline", "at0.1")]
+    assert names("ve-reverse") == [f"at0.1-s{s}" for s in seeds] and names("ve-every-layer") == [f"baseline-s{s}" for s in seeds]
+    flags = lambda sweep, name: dict(sweeps.sweeps()[sweep])[name]
+    assert flags("equal-loss", "baseline-ratio13.65-s9")[:-2] == flags("fair-confirm", "baseline-s9")[:-2] + ["--ratio", "13.65"]
+    assert flags("horizon", "at0.1-ratio21-s8")[:-2] == flags("fair-confirm", "at0.1-s8")[:-2] + ["--ratio", "21"]
+    assert flags("ve-reverse", "at0.1-s13") == flags("fair-confirm", "at0.1-s13")
+    script = lambda sweep, name: sweeps.command(sweep, name, flags(sweep, name))[1]
+    assert script("ve-reverse", "at0.1-s8") == "experiments/nanochat_ve_stack.py"
+    assert script("ve-every-layer", "baseline-s8") == "experiments/every_layer_ve.py"
+    assert script("equal-loss", "baseline-ratio12.075-s8") == script("horizon", "at0.1-ratio21-s8") == "stack_gpt.py"
+    assert sweeps.part4_report() == []
+    budget = 6e13  # the baseline falls 0.03 bpb per e-fold of compute; each stacked run matches it at 1.2x or 1.25x
+    for seed in seeds:
+        needed = 1.2 if seed % 2 == 0 else 1.25
+        fake_sweep_run("fair-confirm", f"baseline-s{seed}", 1.0, budget=budget)
+        fake_sweep_run("fair-confirm", f"at0.1-s{seed}", 1.0 - 0.03 * math.log(needed), stacked=True, grow_at=0.1,
+                       budget=budget, start_bpb=1.5)
+    for seed in range(8, 12):
+        for ratio in ratios:
+            k = float(ratio) / 10.5
+            fake_sweep_run("equal-loss", f"baseline-ratio{ratio}-s{seed}", 1.0 - 0.03 * math.log(k), budget=k * budget)
+    report = "\n".join(sweeps.part4_report())
+    assert "| 8 | 4 | -0.0208 | 0.0000 | 0.9945 | +20.0% | +16.7% |" in report
+    assert "| 9 | 4 | -0.0208 | 0.0000 | 0.9933 | +25.0% | +20.0% |" in report
+    assert "stacked run's compute (the paper's speedup), over 4 seeds: +22.5% ± 2.9 (std), 95% CI [+17.9%, +27.1%]" in report
+    assert "step 3" not in report and "step 4" not in report
+    for seed in seeds:  # two tables: 0.001 worse than four, still ahead of the baseline; 0.1 worse right after growth
+        fake_sweep_run("ve-reverse", f"at0.1-s{seed}", 1.0 - 0.03 * math.log(1.2) + 0.001 * (seed < 13), stacked=True,
+                       grow_at=0.1, budget=budget, start_bpb=1.6)
+    report = "\n".join(sweeps.part4_report())
+    assert "- Val bpb right after growth, two tables minus four: +0.1000 ± 0.0000, worse in 6/6" in report
+    assert "Verdict (growth with two tables beats the baseline's interval below zero): the lead is growth, not tables." in report
+    fake_sweep_run("ve-reverse", "at0.1-s13", 1.01, stacked=True, grow_at=0.1, budget=budget)  # one seed far behind
+    assert "the control shows nothing either way." in "\n".join(sweeps.part4_report())
+    for seed in range(8, 12):  # the every-layer baseline, 0.002 better than two tables
+        fake_sweep_run("ve-every-layer", f"baseline-s{seed}", 0.998, budget=budget)
+    report = "\n".join(sweeps.part4_report())
+    assert "- The every-layer baseline minus baseline: -0.0020 ± 0.0000, worse in 0/4 seeds: better" in report
+    long_base = 1.0 - 0.03 * math.log(2)  # on the same line, so step 2's fit stays exact with five budgets
+    for seed in range(8, 12):  # at 2x each seed's lead halves
+        needed = 1.2 if seed % 2 == 0 else 1.25
+        fake_sweep_run("horizon", f"baseline-ratio21-s{seed}", long_base, budget=2 * budget)
+        if seed < 11:
+            fake_sweep_run("horizon", f"at0.1-ratio21-s{seed}", long_base - 0.015 * math.log(needed), stacked=True,
+                           grow_at=0.1, budget=2 * budget)
+    assert "Verdict (the interval of 2x minus 1x above zero: shrinks; below: grows): none yet (3 of 4" in \
+        "\n".join(sweeps.part4_report())
+    fake_sweep_run("horizon", "at0.1-ratio21-s11", long_base - 0.015 * math.log(1.25), stacked=True,
+                   grow_at=0.1, budget=2 * budget)
+    report = "\n".join(sweeps.part4_report())
+    assert "| 8 | -0.0055 | -0.0027 | +0.0027 |" in report and "| 9 | -0.0067 | -0.0033 | +0.0033 |" in report
+    assert "the lead shrinks." in report and "| 8 | 5 | -0.0208 | 0.0000 | 0.9945 | +20.0% |" in report
+
+
+def test_part4_reverse_control_keeps_value_embeddings_only_where_nanochat_puts_them(tiny_data, tmp_path, monkeypatch):
+    """experiments/nanochat_ve_stack.py: d1 -> d4 keeps the copied table in layers 1 and 3 only, all else as G_stack."""
+    import nanochat_ve_stack as reverse
+    monkeypatch.setattr(sg, "stacked_config", reverse.nanochat_layout)
+    monkeypatch.setattr(sg, "stack_model", reverse.stack_dropping_tables)
+    shallow = trained_looking(tiny_config(n_layer=1))
+    deep = sg.stack_model(shallow, 4)
+    assert deep.config.ve_layers == (1, 3) and sg.stacked_config(shallow.config, [0, 0, 0, 0]) == deep.config
+    assert reverse.nanochat_layout(tiny_config(n_layer=3), [0, 1, 2, 0, 1, 2]).ve_layers == (3, 5)  # copies of 0, 2
+    s, d = shallow.state_dict(), deep.state_dict()
+    for j in range(4):
+        for k in s:
+            if k.startswith("blocks.0."):
+                dropped = j in (0, 2) and (".value_embed." in k or ".ve_gate." in k)
+                name = f"blocks.{j}." + k.split(".", 2)[2]
+                assert (name not in d) if dropped else torch.equal(d[name], s[k]), name
+    assert torch.equal(d["wte.weight"], s["wte.weight"]) and torch.equal(d["lm_head.weight"], s["lm_head.weight"])
+    assert all(torch.equal(d[k], s[k].repeat(4)) for k in ("resid_lambdas", "x0_lambdas"))
+    sg.main(TINY[:2] + ["--stack-to", "4"] + TINY[4:] + ["--data", tiny_data, "--out-dir", str(tmp_path / "r"),
+                                                          "--deep-steps", "2", "--sample-tokens", "0"])
+    plan, *_, summary = metrics_of(tmp_path / "r")
+    assert plan["phases"][1]["config"]["ve_layers"] == [1, 3] and summary["kind"] == "summary"
 
 
 # -----------------------------------------------------------------------------

@@ -82,6 +82,13 @@ CONTROL_SEEDS = FRESH_SEEDS[:4]
 FAIR_SETTINGS = {"baseline": ("0.5", "0.2"), "warmdown0.7": ("0.7", "0.2"), "warmdown0.3": ("0.3", "0.2"),
                  "weight-decay0.1": ("0.5", "0.1"), "weight-decay0.4": ("0.5", "0.4")}
 FAIR_CURRENT = "baseline"
+# Part 4, steps 2-4, on fair-confirm's machine, pairing with its runs of the same seeds. Step 2: the baseline at 1.15,
+# 1.3 and 1.5 times Part 3's budget (--ratio 10.5), for the compute it needs to reach the stacked run's val bpb.
+# Step 3: the value-embedding control both ways. Step 4: both arms at twice the budget (growth still after 10%).
+EQUAL_LOSS_RATIOS, PART3_RATIO, HORIZON_RATIO = ("12.075", "13.65", "15.75"), "10.5", "21"
+EQUAL_LOSS_SEEDS = HORIZON_SEEDS = FRESH_SEEDS[:4]
+SCRIPTS = {"room-ve": "experiments/every_layer_ve.py", "ve-every-layer": "experiments/every_layer_ve.py",
+           "ve-reverse": "experiments/nanochat_ve_stack.py"}  # any other sweep runs stack_gpt.py
 # The CPU of the runs made before sweeps.py wrote machine.json beside each (experiments.md names them)
 UNRECORDED_MACHINES = {**dict.fromkeys(("room-lr", "room-grow", "room-confirm", "room-ve"), "AMD EPYC"),
                        "fair-baseline": "Intel(R) Xeon(R) Processor"}
@@ -161,7 +168,24 @@ def fair_sweeps():
     winner, arm = fair_baseline(), best_room_arm(lr) if lr else None
     confirm = [run for s in FRESH_SEEDS for run in runs(winner, [s]) + [(f"{arm}-s{s}", room_arms(lr)[arm] + [
         "--seed", str(s)])]] if winner and arm else []
-    return {"fair-baseline": tune, "fair-confirm": confirm}
+    return {"fair-baseline": tune, "fair-confirm": confirm, **part4_sweeps(lr, winner, arm)}
+
+
+def part4_sweeps(lr, baseline, arm):
+    """
+    Steps 2-4 of Part 4, seed by seed, once step 1 has chosen the baseline: `baseline` names its setting and `arm`
+    Part 3's growth arm. The runs they pair with are fair-confirm's.
+    """
+    if not (baseline and arm):
+        return {"equal-loss": [], "ve-reverse": [], "ve-every-layer": [], "horizon": []}
+    base, grow = fair_flags(baseline, lr), room_arms(lr)[arm]
+    seed = lambda s: ["--seed", str(s)]
+    return {"equal-loss": [(f"{baseline}-ratio{r}-s{s}", base + ["--ratio", r] + seed(s))
+                           for s in EQUAL_LOSS_SEEDS for r in EQUAL_LOSS_RATIOS],
+            "ve-reverse": [(f"{arm}-s{s}", grow + seed(s)) for s in FRESH_SEEDS],
+            "ve-every-layer": [(f"{baseline}-s{s}", base + seed(s)) for s in FRESH_SEEDS],
+            "horizon": [(f"{name}-ratio{HORIZON_RATIO}-s{s}", flags + ["--ratio", HORIZON_RATIO] + seed(s))
+                        for s in HORIZON_SEEDS for name, flags in ((baseline, base), (arm, grow))]}
 
 
 def fair_flags(setting, lr):
@@ -319,8 +343,7 @@ def flag_value(flags, flag):
 
 def command(sweep, name, flags):
     data = [] if "--data" in flags else ["--data", DATA]  # Part 3's configuration with room names its own
-    script = "experiments/every_layer_ve.py" if sweep == "room-ve" else "stack_gpt.py"
-    return ["python", script] + data + FAMILY + flags + ["--out-dir", f"{RUNS}/{sweep}/{name}"]
+    return ["python", SCRIPTS.get(sweep, "stack_gpt.py")] + data + FAMILY + flags + ["--out-dir", f"{RUNS}/{sweep}/{name}"]
 
 
 def metrics_path(sweep, name):
@@ -1091,6 +1114,129 @@ def fair_confirm_report(winner, arm):
     return out + (["", header, ""] + verdict if verdict else [""])
 
 
+def part4_report():
+    """Part 4, steps 2-4, each once a run of it has finished, against fair-confirm's runs of the same seeds."""
+    lr = room_lr()
+    baseline, arm = fair_baseline(), best_room_arm(lr) if lr else None
+    if not (baseline and arm):
+        return []
+    return equal_loss_report(baseline, arm) + value_embeddings_both_ways(baseline, arm) + horizon_report(baseline, arm)
+
+
+def budget_points(baseline, seed):
+    """(FLOPs, final val bpb) of the baseline's finished runs of this seed at each budget: 1x, step 2's, step 4's 2x."""
+    runs = [("fair-confirm", f"{baseline}-s{seed}")] + [("equal-loss", f"{baseline}-ratio{r}-s{seed}")
+                                                        for r in EQUAL_LOSS_RATIOS]
+    runs.append(("horizon", f"{baseline}-ratio{HORIZON_RATIO}-s{seed}"))
+    return [(run[-1]["flops"], run[-1]["val_bpb"]["baseline"]) for run in map(lambda r: finished_records(*r), runs) if run]
+
+
+def compute_to_reach(points, target):
+    """
+    Step 2's measure: the least-squares line of final val bpb on ln(FLOPs) through the (FLOPs, bpb) points, and the
+    FLOPs at which that line reaches `target`: (FLOPs, the line's slope per doubling, its largest miss).
+    """
+    x, y = [math.log(flops) for flops, _ in points], [bpb for _, bpb in points]
+    slope, intercept = statistics.linear_regression(x, y)
+    miss = max(abs(b - (intercept + slope * a)) for a, b in zip(x, y))
+    return math.exp((target - intercept) / slope), slope * math.log(2), miss
+
+
+def equal_loss_report(baseline, arm):
+    """Step 2: per seed, the compute the baseline needs to reach the stacked run's final val bpb, beside step 1's measure."""
+    lines, needs = [], []
+    for s in EQUAL_LOSS_SEEDS:
+        points, stacked = budget_points(baseline, s), finished_records("fair-confirm", f"{arm}-s{s}")
+        if len(points) < 2 or not stacked:
+            continue
+        target, spent = stacked[-1]["val_bpb"]["deep"], stacked[-1]["flops"]
+        needed, per_doubling, miss = compute_to_reach(points, target)
+        needs.append(needed / spent - 1)
+        where = "" if min(b for _, b in points) <= target <= max(b for _, b in points) else " (beyond the budgets run)"
+        lines.append(f"| {s} | {len(points)} | {per_doubling:+.4f} | {miss:.4f} | {target:.4f} | "
+                     f"{pct(needed / spent - 1)}{where} | {pct(1 - spent / needed)} |")
+    if not lines:
+        return []
+    out = [f"## Part 4, step 2: compute at equal loss, {baseline} at 1x, 1.15x, 1.3x, 1.5x (and 2x) of Part 3's budget", "",
+           "| seed | budgets | val bpb per doubling of compute (fit) | largest miss of the fit | stacked run's val bpb | "
+           "compute the baseline needs beyond the stacked run's | saving in those terms |", "|---|---|---|---|---|---|---|"]
+    out += lines + [""]
+    if len(needs) > 1:
+        mean, half, _, _ = paired_test(needs)
+        out += [f"Compute the baseline needs to reach the stacked run's final val bpb, beyond the stacked run's compute "
+                f"(the paper's speedup), over {len(needs)} seeds: {pct(mean)} ± {100 * statistics.stdev(needs):.1f} (std), "
+                f"95% CI [{pct(mean - half)}, {pct(mean + half)}].", ""]
+    rows = seed_rows(lambda s: finished_records("fair-confirm", f"{arm}-s{s}"),
+                     lambda s: finished_records("fair-confirm", f"{baseline}-s{s}"), EQUAL_LOSS_SEEDS)
+    if rows:
+        out += [f"Beside it, the other measure (where the stacked run reaches the baseline's final val bpb): compute "
+                f"saved {saving_with_speedup([matched_saving(r) for r in rows.values()])} over the same seeds.", ""]
+    return out
+
+
+def deep_start(run):
+    """A stacked run's val bpb at the deep phase's step 0, right after growth."""
+    return next(r["val_bpb"] for r in run if r["kind"] == "eval" and r["phase"] == "deep" and r["step"] == 0)
+
+
+def value_embeddings_both_ways(baseline, arm):
+    """
+    Step 3: the stacked run with nanochat's two tables (the reverse control) against the baseline, the rule's verdict;
+    and Part 3's control again here, the stacked run against a baseline with a table in every layer.
+    """
+    base = lambda s: finished_records("fair-confirm", f"{baseline}-s{s}")
+    stacked = lambda s: finished_records("fair-confirm", f"{arm}-s{s}")
+    reverse = lambda s: finished_records("ve-reverse", f"{arm}-s{s}")
+    every = lambda s: finished_records("ve-every-layer", f"{baseline}-s{s}")
+    out, rows = [], seed_rows(reverse, base, FRESH_SEEDS)
+    if rows:
+        out += [f"## Part 4, step 3: {arm} keeping nanochat's two tables (layers 1 and 3) against {baseline}", ""]
+        out += seed_by_seed(f"{arm}, two tables", rows) + [""]
+        cost = [deep_start(reverse(s)) - deep_start(stacked(s)) for s in rows if stacked(s)]
+        together = [r["val_bpb"] - stacked(s)[-1]["val_bpb"]["deep"] for s, r in rows.items() if stacked(s)]
+        out += [f"- Val bpb right after growth, two tables minus four: {paired_difference(cost)}" if cost else "",
+                f"- Final val bpb, two tables minus four: {paired_difference(together)}" if together else ""]
+        differences = [r["val_bpb"] - r["baseline_val_bpb"] for r in rows.values()]
+        verdict = f"none yet ({len(rows)} of {len(FRESH_SEEDS)} seeds)"
+        if len(rows) == len(FRESH_SEEDS):
+            mean, half, _, _ = paired_test(differences)
+            verdict = "the lead is growth, not tables" if mean + half < 0 else "the control shows nothing either way"
+        out += ["", f"Verdict (growth with two tables beats the baseline's interval below zero): {verdict}.", ""]
+    rows = seed_rows(stacked, every, FRESH_SEEDS)
+    if rows:
+        tables = [r["baseline_val_bpb"] - base(s)[-1]["val_bpb"]["baseline"] for s, r in rows.items() if base(s)]
+        out += [f"## Part 4, step 3: {arm} against {baseline} with a value embedding in every layer", ""]
+        out += seed_by_seed(arm, rows, "every-layer baseline") + ["",
+                f"- {arm} minus the every-layer baseline: {paired_difference([r['val_bpb'] - r['baseline_val_bpb'] for r in rows.values()])}",
+                f"- The every-layer baseline minus {baseline}: {paired_difference(tables) if tables else 'no pairs yet'}", ""]
+    return out
+
+
+def horizon_report(baseline, arm):
+    """Step 4: the lead at twice the budget against the lead at Part 3's, seed by seed, and the rule's verdict."""
+    long = lambda name, s: finished_records("horizon", f"{name}-ratio{HORIZON_RATIO}-s{s}")
+    short = lambda name, s: finished_records("fair-confirm", f"{name}-s{s}")
+    lead = lambda run, base: run[-1]["val_bpb"]["deep"] - base[-1]["val_bpb"]["baseline"]
+    seeds = [s for s in HORIZON_SEEDS if all((long(baseline, s), long(arm, s), short(baseline, s), short(arm, s)))]
+    if not seeds:
+        return []
+    leads = {s: (lead(short(arm, s), short(baseline, s)), lead(long(arm, s), long(baseline, s))) for s in seeds}
+    out = [f"## Part 4, step 4: the lead of {arm} at twice Part 3's budget (--ratio {HORIZON_RATIO})", "",
+           "| seed | lead at 1x | lead at 2x | 2x minus 1x |", "|---|---|---|---|"]
+    out += [f"| {s} | {one:+.4f} | {two:+.4f} | {two - one:+.4f} |" for s, (one, two) in leads.items()] + [""]
+    changes = [two - one for one, two in leads.values()]
+    out += [f"- Lead at 2x minus lead at 1x: {paired_difference(changes)}"]
+    rows = seed_rows(lambda s: long(arm, s), lambda s: long(baseline, s), seeds)
+    out += [f"- Compute saved at 2x (where the stacked run reaches the baseline's final val bpb): "
+            f"{saving_with_speedup([matched_saving(r) for r in rows.values()])}"]
+    verdict = f"none yet ({len(seeds)} of {len(HORIZON_SEEDS)} seeds)"
+    if len(seeds) == len(HORIZON_SEEDS):
+        mean, half, _, _ = paired_test(changes)
+        verdict = "the lead shrinks" if mean - half > 0 else "the lead grows" if mean + half < 0 else \
+            "no significant change"
+    return out + ["", f"Verdict (the interval of 2x minus 1x above zero: shrinks; below: grows): {verdict}.", ""]
+
+
 def report():
     out = []
     base_runs = [s for s in SEEDS if baseline_records(s)]
@@ -1112,7 +1258,7 @@ def report():
     for depth, base, stacked in pairs:
         out += [f"## Miniseries at target depth {depth[1:]} (both phases at ratio 10.5, seed 0)", "",
                 stack_gpt.format_report([stack_gpt.acceleration(records(*base), records("miniseries", stacked), stacked)]), ""]
-    out += part2_report() + part3_report() + fair_baseline_report()
+    out += part2_report() + part3_report() + fair_baseline_report() + part4_report()
     print("\n".join(out))
     plots(base_runs)
 
