@@ -2233,6 +2233,11 @@ def test_part4_steps_2_to_4_pair_with_the_confirmation_here_and_apply_their_rule
     report = "\n".join(sweeps.part4_report())
     assert "| 8 | -0.0055 | -0.0027 | +0.0027 |" in report and "| 9 | -0.0067 | -0.0033 | +0.0033 |" in report
     assert "the lead shrinks." in report and "| 8 | 5 | -0.0208 | 0.0000 | 0.9945 | +20.0% |" in report
+    # the map's rows: fake plans grow after 10% from a shallow model at 0.6 of the deep one's cost, a 6.7% ceiling
+    assert "| at0.1, this machine | 1x | compute the baseline needs to reach the stacked run's loss | 4 | 6.7% | " \
+           "+18.3% ± 1.9 | +11.7% |" in report
+    assert "| at0.1 | 2x | where the stacked run reaches the baseline's final loss | 4 | 6.7% |" in report
+    assert report.count("| at0.1, two tables | 1x |") == 1
 
 
 def test_part4_reverse_control_keeps_value_embeddings_only_where_nanochat_puts_them(tiny_data, tmp_path, monkeypatch):

@@ -1120,7 +1120,23 @@ def part4_report():
     baseline, arm = fair_baseline(), best_room_arm(lr) if lr else None
     if not (baseline and arm):
         return []
-    return equal_loss_report(baseline, arm) + value_embeddings_both_ways(baseline, arm) + horizon_report(baseline, arm)
+    out = equal_loss_report(baseline, arm) + value_embeddings_both_ways(baseline, arm) + horizon_report(baseline, arm)
+    return out + map_table(part4_arms())
+
+
+def map_table(arms):
+    """Step 5: Part 4's points of the map, each with its horizon and measure (Parts 1-3's are in the ceiling table)."""
+    if not arms:
+        return []
+    measures = {"reaches": "where the stacked run reaches the baseline's final loss",
+                "needs": "compute the baseline needs to reach the stacked run's loss"}
+    lines = ["## Part 4, step 5: Part 4's points on the map (saving against the cheap-token ceiling)", "",
+             "| arm | budget | measure | seeds | cheap-token ceiling | saving (mean ± std) | saved minus ceiling |",
+             "|---|---|---|---|---|---|---|"]
+    for label, horizon, measure, ceiling, savings in arms:
+        lines.append(f"| {label} | {horizon} | {measures[measure]} | {len(savings)} | {100 * ceiling:.1f}% | "
+                     f"{pct_mean_std(savings)} | {pct(statistics.mean(savings) - ceiling)} |")
+    return lines + [""]
 
 
 def budget_points(baseline, seed):
@@ -1142,36 +1158,75 @@ def compute_to_reach(points, target):
     return math.exp((target - intercept) / slope), slope * math.log(2), miss
 
 
-def equal_loss_report(baseline, arm):
-    """Step 2: per seed, the compute the baseline needs to reach the stacked run's final val bpb, beside step 1's measure."""
-    lines, needs = [], []
+def equal_loss_fits(baseline, arm):
+    """
+    Step 2 per seed, where the stacked run and two budgets of the baseline have finished: {seed: (budgets, stacked
+    val bpb, the baseline's compute to reach it over the stacked run's, slope per doubling, largest miss, whether the
+    crossing lies within the val bpb the baseline's runs reached)}.
+    """
+    fits = {}
     for s in EQUAL_LOSS_SEEDS:
         points, stacked = budget_points(baseline, s), finished_records("fair-confirm", f"{arm}-s{s}")
         if len(points) < 2 or not stacked:
             continue
-        target, spent = stacked[-1]["val_bpb"]["deep"], stacked[-1]["flops"]
+        target = stacked[-1]["val_bpb"]["deep"]
         needed, per_doubling, miss = compute_to_reach(points, target)
-        needs.append(needed / spent - 1)
-        where = "" if min(b for _, b in points) <= target <= max(b for _, b in points) else " (beyond the budgets run)"
-        lines.append(f"| {s} | {len(points)} | {per_doubling:+.4f} | {miss:.4f} | {target:.4f} | "
-                     f"{pct(needed / spent - 1)}{where} | {pct(1 - spent / needed)} |")
-    if not lines:
+        inside = min(b for _, b in points) <= target <= max(b for _, b in points)
+        fits[s] = (len(points), target, needed / stacked[-1]["flops"], per_doubling, miss, inside)
+    return fits
+
+
+def equal_loss_report(baseline, arm):
+    """Step 2: per seed, the compute the baseline needs to reach the stacked run's final val bpb, beside step 1's measure."""
+    fits = equal_loss_fits(baseline, arm)
+    if not fits:
         return []
     out = [f"## Part 4, step 2: compute at equal loss, {baseline} at 1x, 1.15x, 1.3x, 1.5x (and 2x) of Part 3's budget", "",
            "| seed | budgets | val bpb per doubling of compute (fit) | largest miss of the fit | stacked run's val bpb | "
            "compute the baseline needs beyond the stacked run's | saving in those terms |", "|---|---|---|---|---|---|---|"]
-    out += lines + [""]
+    for s, (budgets, target, ratio, per_doubling, miss, inside) in fits.items():
+        out.append(f"| {s} | {budgets} | {per_doubling:+.4f} | {miss:.4f} | {target:.4f} | {pct(ratio - 1)}"
+                   f"{'' if inside else ' (beyond the budgets run)'} | {pct(1 - 1 / ratio)} |")
+    needs = [ratio - 1 for _, _, ratio, *_ in fits.values()]
     if len(needs) > 1:
         mean, half, _, _ = paired_test(needs)
-        out += [f"Compute the baseline needs to reach the stacked run's final val bpb, beyond the stacked run's compute "
-                f"(the paper's speedup), over {len(needs)} seeds: {pct(mean)} ± {100 * statistics.stdev(needs):.1f} (std), "
-                f"95% CI [{pct(mean - half)}, {pct(mean + half)}].", ""]
+        out += ["", f"Compute the baseline needs to reach the stacked run's final val bpb, beyond the stacked run's "
+                f"compute (the paper's speedup), over {len(needs)} seeds: {pct(mean)} ± {100 * statistics.stdev(needs):.1f} "
+                f"(std), 95% CI [{pct(mean - half)}, {pct(mean + half)}]."]
     rows = seed_rows(lambda s: finished_records("fair-confirm", f"{arm}-s{s}"),
                      lambda s: finished_records("fair-confirm", f"{baseline}-s{s}"), EQUAL_LOSS_SEEDS)
     if rows:
-        out += [f"Beside it, the other measure (where the stacked run reaches the baseline's final val bpb): compute "
-                f"saved {saving_with_speedup([matched_saving(r) for r in rows.values()])} over the same seeds.", ""]
-    return out
+        out += ["", f"Beside it, the other measure (where the stacked run reaches the baseline's final val bpb): compute "
+                f"saved {saving_with_speedup([matched_saving(r) for r in rows.values()])} over the same seeds."]
+    return out + [""]
+
+
+def part4_arms():
+    """
+    Part 4's points for the map: [(label, horizon, measure, cheap-token ceiling, [saving per seed])], each once a
+    pair has finished. Measure "reaches": where the stacked run reaches the baseline's final loss; "needs": the
+    compute the baseline needs to reach the stacked run's loss (step 2), as the saving 1 - spent / needed.
+    """
+    lr = room_lr()
+    baseline, arm = fair_baseline(), best_room_arm(lr) if lr else None
+    if not (baseline and arm):
+        return []
+    runs = lambda sweep, name: lambda s: finished_records(sweep, f"{name}-s{s}")
+    pairs = [(f"{arm}, this machine", "1x", runs("fair-confirm", arm), runs("fair-confirm", baseline), FRESH_SEEDS),
+             (f"{arm}, two tables", "1x", runs("ve-reverse", arm), runs("fair-confirm", baseline), FRESH_SEEDS),
+             (arm, "2x", runs("horizon", f"{arm}-ratio{HORIZON_RATIO}"),
+              runs("horizon", f"{baseline}-ratio{HORIZON_RATIO}"), HORIZON_SEEDS)]
+    found = []
+    for label, horizon, run_of, baseline_of, seeds in pairs:
+        rows = seed_rows(run_of, baseline_of, seeds)
+        if rows:
+            ceiling = ceiling_of(run_of(next(iter(rows))))
+            found.append((label, horizon, "reaches", ceiling, [matched_saving(r) for r in rows.values()]))
+    fits = equal_loss_fits(baseline, arm)
+    if fits:
+        ceiling = ceiling_of(finished_records("fair-confirm", f"{arm}-s{next(iter(fits))}"))
+        found.append((f"{arm}, this machine", "1x", "needs", ceiling, [1 - 1 / ratio for _, _, ratio, *_ in fits.values()]))
+    return found
 
 
 def deep_start(run):
@@ -1308,7 +1363,7 @@ def plots(base_runs):
         part2 = (plot_differences(plt, list(growth_arms(*tuned)), GROWTH_SEEDS, "experiments/part2_bpb_difference_growth.png"),
                  best and plot_differences(plt, [best], CONFIRM_SEEDS, "experiments/part2_bpb_difference.png"),
                  plot_growth_point(plt, *tuned))
-        saved += [path for path in part2 if path] + [plot_ceiling(plt, equal_flops_arms())]
+        saved += [path for path in part2 if path] + [plot_ceiling(plt, equal_flops_arms(), part4_arms())]
     print(f"plots: {', '.join(saved)}")
 
 
@@ -1382,24 +1437,30 @@ def plot_growth_point(plt, lr, warmdown):
     return "experiments/part2_saving_vs_growth_share.png"
 
 
-def plot_ceiling(plt, arms):
+def plot_ceiling(plt, arms, part4=()):
     """
-    Measured saving against the cheap-token ceiling: a point (mean ± std over seeds) per equal-FLOPs arm of
-    Parts 1-3, the anchors' reported savings beside them. On the diagonal, a saving is all cheap tokens.
+    The map: measured saving against the cheap-token ceiling, a point (mean ± std over seeds) per equal-FLOPs arm of
+    Parts 1-4, the anchors' reported savings beside them. Filled: where the stacked run reaches the baseline's final
+    loss; open: the compute the baseline needs to reach the stacked run's loss; squares: twice the budget. On the
+    diagonal, a saving is all cheap tokens.
     """
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for part, color in zip(sorted({part for part, *_ in arms}), plt.cm.tab10.colors):
-        points = [(ceiling, savings) for p, _, ceiling, savings in arms if p == part and None not in savings]
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    groups = [(part, "o", "full", [(c, s) for p, _, c, s in arms if p == part]) for part in sorted({p for p, *_ in arms})]
+    groups += [(f"Part 4, {label}, {horizon}{', compute the baseline needs' * (measure == 'needs')}",
+                "s" if horizon == "2x" else "o", "none" if measure == "needs" else "full", [(ceiling, savings)])
+               for label, horizon, measure, ceiling, savings in part4]
+    for (label, marker, fill, points), color in zip(groups, plt.cm.tab20.colors):
+        points = [(ceiling, savings) for ceiling, savings in points if None not in savings]
         ax.errorbar([100 * c for c, _ in points], [100 * statistics.mean(s) for _, s in points],
                     yerr=[100 * statistics.stdev(s) if len(s) > 1 else 0 for _, s in points],
-                    fmt="o", color=color, capsize=3, label=part)
+                    fmt=marker, fillstyle=fill, color=color, capsize=3, label=label)
     for (anchor, (ceiling, saving)), marker in zip(ANCHORS.items(), "*PX"):
         ax.plot(100 * ceiling, 100 * saving, marker, color="black", ms=10, label=f"{anchor} (reported)")
     ax.axline((0, 0), slope=1, color="gray", lw=0.8, ls="--", label="saving = ceiling")
     ax.axhline(0, color="gray", lw=0.8)
-    ax.set(xlabel="cheap-token ceiling (% of the budget)", ylabel="compute saved at the val bpb both reach (%)",
+    ax.set(xlabel="cheap-token ceiling (% of the budget)", ylabel="compute saved (%)",
            title="measured saving against the cheap-token ceiling")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.savefig("experiments/saving_vs_ceiling.png", dpi=120, bbox_inches="tight")
     return "experiments/saving_vs_ceiling.png"
 
