@@ -2259,7 +2259,8 @@ def test_part4_reverse_control_keeps_value_embeddings_only_where_nanochat_puts_t
     assert torch.equal(d["wte.weight"], s["wte.weight"]) and torch.equal(d["lm_head.weight"], s["lm_head.weight"])
     assert all(torch.equal(d[k], s[k].repeat(4)) for k in ("resid_lambdas", "x0_lambdas"))
     sg.main(TINY[:2] + ["--stack-to", "4"] + TINY[4:] + ["--data", tiny_data, "--out-dir", str(tmp_path / "r"),
-                                                          "--deep-steps", "2", "--sample-tokens", "0"])
+                                                          "--shallow-steps", "2", "--deep-steps", "2", "--eval-every",
+                                                          "0", "--sample-tokens", "0", "--aspect-ratio", "32"])
     plan, *_, summary = metrics_of(tmp_path / "r")
     assert plan["phases"][1]["config"]["ve_layers"] == [1, 3] and summary["kind"] == "summary"
 
