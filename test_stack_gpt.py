@@ -2142,14 +2142,17 @@ def test_part4_fair_baseline_takes_a_change_only_if_it_beats_the_baseline_run_be
         fake_sweep_run("fair-confirm", f"at0.1-s{seed}", 0.992 + 0.001 * (seed % 2), stacked=True, grow_at=0.1)
         if seed < 13:
             fake_sweep_run("fair-confirm", f"baseline-s{seed}", 0.997)
-    with open(f"{sweeps.RUNS}/fair-confirm/baseline-s8/machine.json", "w") as f:
-        json.dump({"cpu": "Some CPU"}, f)
+    ran_on = lambda cpu, name: json.dump({"cpu": cpu}, open(f"{sweeps.RUNS}/fair-confirm/{name}/machine.json", "w"))
+    for name in os.listdir(f"{sweeps.RUNS}/fair-confirm"):
+        ran_on("Some CPU" if name != "baseline-s12" else "Other CPU", name)  # one run pairs with none
     report = "\n".join(sweeps.fair_baseline_report())
-    assert "at0.1 against the baseline (baseline), fresh seeds, both run on Some CPU" in report
-    assert "No verdict yet: 5 of 6 seeds." in report and "Verdict" not in report
+    assert "at0.1 against the baseline (baseline), fresh seeds, all runs on Some CPU" in report
+    assert "Left out, run on another CPU than Some CPU: fair-confirm/baseline-s12." in report
+    assert "No verdict yet: 4 of 6 seeds." in report and "Verdict" not in report
     assert "- at0.1 here minus Part 3's run of the seed (AMD EPYC): +0.0020 ± 0.0000, worse in 6/6 seeds" in report
-    assert "- baseline here minus Part 3's run of the seed (AMD EPYC): -0.0030 ± 0.0000, worse in 0/5" in report
+    assert "- baseline here minus Part 3's run of the seed (AMD EPYC): -0.0030 ± 0.0000, worse in 0/4" in report
     fake_sweep_run("fair-confirm", "baseline-s13", 0.997)
+    ran_on("Some CPU", "baseline-s13"), ran_on("Some CPU", "baseline-s12")
     report = "\n".join(sweeps.fair_baseline_report())
     assert "| 13 | 0.9970 | 0.9930 | -0.0040 |" in report and "Verdict: at0.1 beats the tuned baseline." in report
     assert "mixed machines" not in report
@@ -2162,6 +2165,7 @@ def test_part4_fair_baseline_takes_a_change_only_if_it_beats_the_baseline_run_be
     assert "wins): weight-decay0.1 becomes the baseline." in "\n".join(sweeps.fair_baseline_report())
     for seed in range(8, 14):  # Part 3's verdict restated against the new baseline, on both machines' growth runs
         fake_sweep_run("fair-confirm", f"weight-decay0.1-s{seed}", 0.995)
+        ran_on("Some CPU", f"weight-decay0.1-s{seed}")
     report = "\n".join(sweeps.fair_baseline_report())
     assert "| 13 | 0.9950 | 0.9930 | -0.0020 |" in report and "- baseline here minus" not in report
     assert "Part 3's at0.1 (AMD EPYC) against the new baseline (weight-decay0.1): mixed machines" in report
@@ -2205,7 +2209,10 @@ def test_part4_steps_2_to_4_pair_with_the_confirmation_here_and_apply_their_rule
     report = "\n".join(sweeps.part4_report())
     assert "| 8 | 4 | -0.0208 | 0.0000 | 0.9945 | +20.0% | +16.7% |" in report
     assert "| 9 | 4 | -0.0208 | 0.0000 | 0.9933 | +25.0% | +20.0% |" in report
-    assert "stacked run's compute (the paper's speedup), over 4 seeds: +22.5% ± 2.9 (std), 95% CI [+17.9%, +27.1%]" in report
+    assert "stacked run's compute, over 4 seeds: +22.5% ± 2.9 (std), 95% CI [+17.9%, +27.1%]" in report
+    needed, per_doubling, miss = sweeps.compute_to_reach([(1e13, 1.0), (2e13, 0.97)], 0.94)  # two doublings on
+    assert math.isclose(needed, 4e13) and math.isclose(per_doubling, -0.03) and miss < 1e-12
+    assert sweeps.compute_to_reach([(1e13, 1.0), (2e13, 1.01)], 0.94)[0] is None  # a line that does not fall
     assert "step 3" not in report and "step 4" not in report
     for seed in seeds:  # two tables: 0.001 worse than four, still ahead of the baseline; 0.1 worse right after growth
         fake_sweep_run("ve-reverse", f"at0.1-s{seed}", 1.0 - 0.03 * math.log(1.2) + 0.001 * (seed < 13), stacked=True,

@@ -85,7 +85,7 @@ FAIR_CURRENT = "baseline"
 # Part 4, steps 2-4, on fair-confirm's machine, pairing with its runs of the same seeds. Step 2: the baseline at 1.15,
 # 1.3 and 1.5 times Part 3's budget (--ratio 10.5), for the compute it needs to reach the stacked run's val bpb.
 # Step 3: the value-embedding control both ways. Step 4: both arms at twice the budget (growth still after 10%).
-EQUAL_LOSS_RATIOS, PART3_RATIO, HORIZON_RATIO = ("12.075", "13.65", "15.75"), "10.5", "21"
+EQUAL_LOSS_RATIOS, HORIZON_RATIO = ("12.075", "13.65", "15.75"), "21"
 EQUAL_LOSS_SEEDS = HORIZON_SEEDS = FRESH_SEEDS[:4]
 SCRIPTS = {"room-ve": "experiments/every_layer_ve.py", "ve-every-layer": "experiments/every_layer_ve.py",
            "ve-reverse": "experiments/nanochat_ve_stack.py"}  # any other sweep runs stack_gpt.py
@@ -490,6 +490,11 @@ def mean_std(values):
 def pct(share):
     """A saving or speedup as a signed percentage; None is a baseline value never reached."""
     return "not reached" if share is None else f"{100 * share:+.1f}%"
+
+
+def saved_minus_ceiling(savings, ceiling):
+    """The mean saving less the cheap-token ceiling, as text ("-" where a run diverged and has no saving)."""
+    return "-" if None in savings else pct(statistics.mean(savings) - ceiling)
 
 
 def pct_mean_std(values):
@@ -915,7 +920,7 @@ def ceiling_table(arms):
              "|---|---|---|---|---|---|"]
     for part, arm, ceiling, savings in arms:
         lines.append(f"| {part} | {arm} | {len(savings)} | {100 * ceiling:.1f}% | {pct_mean_std(savings)} | "
-                     f"{pct(statistics.mean(savings) - ceiling)} |")
+                     f"{saved_minus_ceiling(savings, ceiling)} |")
     for anchor, (ceiling, saving) in ANCHORS.items():
         lines.append(f"| anchor | {anchor} | - | {100 * ceiling:.1f}% | {pct(saving)} (reported) | {pct(saving - ceiling)} |")
     return lines
@@ -1090,22 +1095,45 @@ def fair_baseline_report():
     return out + fair_confirm_report(winner, best_room_arm(lr))
 
 
+def part4_machine():
+    """
+    The CPU of Part 4 from fair-confirm on: the one its runs of the lowest seed name (experiments.md: a Part 4 rule
+    pairs runs of one CPU model only). None before any has finished.
+    """
+    folder = f"{RUNS}/fair-confirm"
+    names = sorted(os.listdir(folder), key=lambda name: int(name.rsplit("-s", 1)[1])) if os.path.isdir(folder) else []
+    return next((machine_of("fair-confirm", name) for name in names if finished("fair-confirm", name)), None)
+
+
+def part4_run(sweep, name):
+    """A finished Part 4 run's records if it ran on Part 4's CPU, else None: a run of another CPU pairs with none."""
+    return finished_records(sweep, name) if finished(sweep, name) and machine_of(sweep, name) == part4_machine() else None
+
+
+def other_machines(sweep_names):
+    """The line naming the finished runs of these sweeps that ran on another CPU than Part 4's (none: no line)."""
+    elsewhere = [f"{sweep}/{name}" for sweep in sweep_names for name, _ in sweeps()[sweep]
+                 if finished(sweep, name) and machine_of(sweep, name) != part4_machine()]
+    return [f"Left out, run on another CPU than {part4_machine()}: {', '.join(elsewhere)}.", ""] if elsewhere else []
+
+
 def fair_confirm_report(winner, arm):
     """
     Part 4, step 1: Part 3's confirmation again on this machine (the rule's verdict once all six seeds pair),
     what the change of machine did to each arm, and, if the baseline changed, Part 3's runs against it.
     """
-    here = lambda name, s: finished_records("fair-confirm", f"{name}-s{s}")
+    here = lambda name, s: part4_run("fair-confirm", f"{name}-s{s}")
     rows = seed_rows(lambda s: here(arm, s), lambda s: here(winner, s), FRESH_SEEDS)
     if not rows:
         return []
-    machine = machine_of("fair-confirm", f"{winner}-s{next(iter(rows))}")
-    out = [f"## Part 4, step 1: {arm} against the baseline ({winner}), fresh seeds, both run on {machine}", ""]
+    out = [f"## Part 4, step 1: {arm} against the baseline ({winner}), fresh seeds, all runs on {part4_machine()}", ""]
+    out += other_machines(["fair-confirm"])
     verdict = fresh_seed_verdict(arm, here, lambda s: here(winner, s))
     out += verdict or seed_by_seed(arm, rows) + ["", f"No verdict yet: {len(rows)} of {len(FRESH_SEEDS)} seeds."]
+    last = lambda run: list(run[-1]["val_bpb"].values())[-1]  # the final val bpb of a run's last phase
     for name in [arm] + [winner] * (winner == FAIR_CURRENT):  # the runs Part 3 made too, under the same names
-        shift = [mean_over_seeds("fair-confirm", name, [s]) - mean_over_seeds("room-confirm", name, [s])
-                 for s in FRESH_SEEDS if finished("fair-confirm", f"{name}-s{s}")]
+        shift = [last(here(name, s)) - last(finished_records("room-confirm", f"{name}-s{s}"))
+                 for s in FRESH_SEEDS if here(name, s)]
         out += [f"- {name} here minus Part 3's run of the seed (AMD EPYC): {paired_difference(shift)}"]
     if winner == FAIR_CURRENT:
         return out + [""]
@@ -1135,7 +1163,7 @@ def map_table(arms):
              "|---|---|---|---|---|---|---|"]
     for label, horizon, measure, ceiling, savings in arms:
         lines.append(f"| {label} | {horizon} | {measures[measure]} | {len(savings)} | {100 * ceiling:.1f}% | "
-                     f"{pct_mean_std(savings)} | {pct(statistics.mean(savings) - ceiling)} |")
+                     f"{pct_mean_std(savings)} | {saved_minus_ceiling(savings, ceiling)} |")
     return lines + [""]
 
 
@@ -1144,61 +1172,63 @@ def budget_points(baseline, seed):
     runs = [("fair-confirm", f"{baseline}-s{seed}")] + [("equal-loss", f"{baseline}-ratio{r}-s{seed}")
                                                         for r in EQUAL_LOSS_RATIOS]
     runs.append(("horizon", f"{baseline}-ratio{HORIZON_RATIO}-s{seed}"))
-    return [(run[-1]["flops"], run[-1]["val_bpb"]["baseline"]) for run in map(lambda r: finished_records(*r), runs) if run]
+    return [(run[-1]["flops"], run[-1]["val_bpb"]["baseline"]) for run in map(lambda r: part4_run(*r), runs) if run]
 
 
 def compute_to_reach(points, target):
     """
     Step 2's measure: the least-squares line of final val bpb on ln(FLOPs) through the (FLOPs, bpb) points, and the
-    FLOPs at which that line reaches `target`: (FLOPs, the line's slope per doubling, its largest miss).
+    FLOPs at which that line reaches `target`: (FLOPs, or None where the line does not fall; the line's slope per
+    doubling; its largest miss).
     """
     x, y = [math.log(flops) for flops, _ in points], [bpb for _, bpb in points]
     slope, intercept = statistics.linear_regression(x, y)
     miss = max(abs(b - (intercept + slope * a)) for a, b in zip(x, y))
-    return math.exp((target - intercept) / slope), slope * math.log(2), miss
+    return (math.exp((target - intercept) / slope) if slope < 0 else None), slope * math.log(2), miss
 
 
 def equal_loss_fits(baseline, arm):
     """
     Step 2 per seed, where the stacked run and two budgets of the baseline have finished: {seed: (budgets, stacked
-    val bpb, the baseline's compute to reach it over the stacked run's, slope per doubling, largest miss, whether the
-    crossing lies within the val bpb the baseline's runs reached)}.
+    val bpb, the baseline's compute to reach it over the stacked run's (None: the line does not fall), slope per
+    doubling, largest miss, where the crossing lies: "" among the budgets run, else below or beyond them)}.
     """
     fits = {}
     for s in EQUAL_LOSS_SEEDS:
-        points, stacked = budget_points(baseline, s), finished_records("fair-confirm", f"{arm}-s{s}")
+        points, stacked = budget_points(baseline, s), part4_run("fair-confirm", f"{arm}-s{s}")
         if len(points) < 2 or not stacked:
             continue
         target = stacked[-1]["val_bpb"]["deep"]
         needed, per_doubling, miss = compute_to_reach(points, target)
-        inside = min(b for _, b in points) <= target <= max(b for _, b in points)
-        fits[s] = (len(points), target, needed / stacked[-1]["flops"], per_doubling, miss, inside)
+        budgets = [flops for flops, _ in points]
+        where = "" if needed is None or min(budgets) <= needed <= max(budgets) else \
+            " (below the budgets run)" if needed < min(budgets) else " (beyond the budgets run)"
+        fits[s] = (len(points), target, needed and needed / stacked[-1]["flops"], per_doubling, miss, where)
     return fits
 
 
 def equal_loss_report(baseline, arm):
-    """Step 2: per seed, the compute the baseline needs to reach the stacked run's final val bpb, beside step 1's measure."""
+    """Step 2: per seed, the compute the baseline needs to reach the stacked run's final val bpb, beside the other measure."""
     fits = equal_loss_fits(baseline, arm)
     if not fits:
         return []
     out = [f"## Part 4, step 2: compute at equal loss, {baseline} at 1x, 1.15x, 1.3x, 1.5x (and 2x) of Part 3's budget", "",
            "| seed | budgets | val bpb per doubling of compute (fit) | largest miss of the fit | stacked run's val bpb | "
            "compute the baseline needs beyond the stacked run's | saving in those terms |", "|---|---|---|---|---|---|---|"]
-    for s, (budgets, target, ratio, per_doubling, miss, inside) in fits.items():
-        out.append(f"| {s} | {budgets} | {per_doubling:+.4f} | {miss:.4f} | {target:.4f} | {pct(ratio - 1)}"
-                   f"{'' if inside else ' (beyond the budgets run)'} | {pct(1 - 1 / ratio)} |")
-    needs = [ratio - 1 for _, _, ratio, *_ in fits.values()]
+    for s, (budgets, target, ratio, per_doubling, miss, where) in fits.items():
+        need = f"{pct(ratio - 1)}{where} | {pct(1 - 1 / ratio)}" if ratio else "no crossing: the line does not fall | -"
+        out.append(f"| {s} | {budgets} | {per_doubling:+.4f} | {miss:.4f} | {target:.4f} | {need} |")
+    needs = [ratio - 1 for _, _, ratio, *_ in fits.values() if ratio]
     if len(needs) > 1:
         mean, half, _, _ = paired_test(needs)
         out += ["", f"Compute the baseline needs to reach the stacked run's final val bpb, beyond the stacked run's "
-                f"compute (the paper's speedup), over {len(needs)} seeds: {pct(mean)} ± {100 * statistics.stdev(needs):.1f} "
-                f"(std), 95% CI [{pct(mean - half)}, {pct(mean + half)}]."]
-    rows = seed_rows(lambda s: finished_records("fair-confirm", f"{arm}-s{s}"),
-                     lambda s: finished_records("fair-confirm", f"{baseline}-s{s}"), EQUAL_LOSS_SEEDS)
-    if rows:
-        out += ["", f"Beside it, the other measure (where the stacked run reaches the baseline's final val bpb): compute "
-                f"saved {saving_with_speedup([matched_saving(r) for r in rows.values()])} over the same seeds."]
-    return out + [""]
+                f"compute, over {len(needs)} seeds: {pct(mean)} ± {100 * statistics.stdev(needs):.1f} (std), "
+                f"95% CI [{pct(mean - half)}, {pct(mean + half)}]."]
+    rows = seed_rows(lambda s: part4_run("fair-confirm", f"{arm}-s{s}"),
+                     lambda s: part4_run("fair-confirm", f"{baseline}-s{s}"), list(fits))
+    out += ["", f"Beside it, the other measure on the same seeds (where the stacked run reaches the baseline's final "
+            f"val bpb): compute saved {pct_mean_std([matched_saving(r) for r in rows.values()])}."]
+    return out + other_machines(["fair-confirm", "equal-loss", "horizon"]) + [""]
 
 
 def part4_arms():
@@ -1211,7 +1241,7 @@ def part4_arms():
     baseline, arm = fair_baseline(), best_room_arm(lr) if lr else None
     if not (baseline and arm):
         return []
-    runs = lambda sweep, name: lambda s: finished_records(sweep, f"{name}-s{s}")
+    runs = lambda sweep, name: lambda s: part4_run(sweep, f"{name}-s{s}")
     pairs = [(f"{arm}, this machine", "1x", runs("fair-confirm", arm), runs("fair-confirm", baseline), FRESH_SEEDS),
              (f"{arm}, two tables", "1x", runs("ve-reverse", arm), runs("fair-confirm", baseline), FRESH_SEEDS),
              (arm, "2x", runs("horizon", f"{arm}-ratio{HORIZON_RATIO}"),
@@ -1224,8 +1254,9 @@ def part4_arms():
             found.append((label, horizon, "reaches", ceiling, [matched_saving(r) for r in rows.values()]))
     fits = equal_loss_fits(baseline, arm)
     if fits:
-        ceiling = ceiling_of(finished_records("fair-confirm", f"{arm}-s{next(iter(fits))}"))
-        found.append((f"{arm}, this machine", "1x", "needs", ceiling, [1 - 1 / ratio for _, _, ratio, *_ in fits.values()]))
+        ceiling = ceiling_of(part4_run("fair-confirm", f"{arm}-s{next(iter(fits))}"))
+        savings = [1 - 1 / ratio if ratio else None for _, _, ratio, *_ in fits.values()]
+        found.append((f"{arm}, this machine", "1x", "needs", ceiling, savings))
     return found
 
 
@@ -1239,18 +1270,18 @@ def value_embeddings_both_ways(baseline, arm):
     Step 3: the stacked run with nanochat's two tables (the reverse control) against the baseline, the rule's verdict;
     and Part 3's control again here, the stacked run against a baseline with a table in every layer.
     """
-    base = lambda s: finished_records("fair-confirm", f"{baseline}-s{s}")
-    stacked = lambda s: finished_records("fair-confirm", f"{arm}-s{s}")
-    reverse = lambda s: finished_records("ve-reverse", f"{arm}-s{s}")
-    every = lambda s: finished_records("ve-every-layer", f"{baseline}-s{s}")
+    base = lambda s: part4_run("fair-confirm", f"{baseline}-s{s}")
+    stacked = lambda s: part4_run("fair-confirm", f"{arm}-s{s}")
+    reverse = lambda s: part4_run("ve-reverse", f"{arm}-s{s}")
+    every = lambda s: part4_run("ve-every-layer", f"{baseline}-s{s}")
     out, rows = [], seed_rows(reverse, base, FRESH_SEEDS)
     if rows:
         out += [f"## Part 4, step 3: {arm} keeping nanochat's two tables (layers 1 and 3) against {baseline}", ""]
         out += seed_by_seed(f"{arm}, two tables", rows) + [""]
         cost = [deep_start(reverse(s)) - deep_start(stacked(s)) for s in rows if stacked(s)]
         together = [r["val_bpb"] - stacked(s)[-1]["val_bpb"]["deep"] for s, r in rows.items() if stacked(s)]
-        out += [f"- Val bpb right after growth, two tables minus four: {paired_difference(cost)}" if cost else "",
-                f"- Final val bpb, two tables minus four: {paired_difference(together)}" if together else ""]
+        out += [f"- Val bpb right after growth, two tables minus four: {paired_difference(cost)}"] * bool(cost)
+        out += [f"- Final val bpb, two tables minus four: {paired_difference(together)}"] * bool(together)
         differences = [r["val_bpb"] - r["baseline_val_bpb"] for r in rows.values()]
         verdict = f"none yet ({len(rows)} of {len(FRESH_SEEDS)} seeds)"
         if len(rows) == len(FRESH_SEEDS):
@@ -1264,13 +1295,13 @@ def value_embeddings_both_ways(baseline, arm):
         out += seed_by_seed(arm, rows, "every-layer baseline") + ["",
                 f"- {arm} minus the every-layer baseline: {paired_difference([r['val_bpb'] - r['baseline_val_bpb'] for r in rows.values()])}",
                 f"- The every-layer baseline minus {baseline}: {paired_difference(tables) if tables else 'no pairs yet'}", ""]
-    return out
+    return out + other_machines(["ve-reverse", "ve-every-layer"]) * bool(out)
 
 
 def horizon_report(baseline, arm):
     """Step 4: the lead at twice the budget against the lead at Part 3's, seed by seed, and the rule's verdict."""
-    long = lambda name, s: finished_records("horizon", f"{name}-ratio{HORIZON_RATIO}-s{s}")
-    short = lambda name, s: finished_records("fair-confirm", f"{name}-s{s}")
+    long = lambda name, s: part4_run("horizon", f"{name}-ratio{HORIZON_RATIO}-s{s}")
+    short = lambda name, s: part4_run("fair-confirm", f"{name}-s{s}")
     lead = lambda run, base: run[-1]["val_bpb"]["deep"] - base[-1]["val_bpb"]["baseline"]
     seeds = [s for s in HORIZON_SEEDS if all((long(baseline, s), long(arm, s), short(baseline, s), short(arm, s)))]
     if not seeds:
@@ -1289,7 +1320,8 @@ def horizon_report(baseline, arm):
         mean, half, _, _ = paired_test(changes)
         verdict = "the lead shrinks" if mean - half > 0 else "the lead grows" if mean + half < 0 else \
             "no significant change"
-    return out + ["", f"Verdict (the interval of 2x minus 1x above zero: shrinks; below: grows): {verdict}.", ""]
+    out += ["", f"Verdict (the interval of 2x minus 1x above zero: shrinks; below: grows): {verdict}.", ""]
+    return out + other_machines(["horizon"])
 
 
 def report():
@@ -1449,7 +1481,7 @@ def plot_ceiling(plt, arms, part4=()):
     groups += [(f"Part 4, {label}, {horizon}{', compute the baseline needs' * (measure == 'needs')}",
                 "s" if horizon == "2x" else "o", "none" if measure == "needs" else "full", [(ceiling, savings)])
                for label, horizon, measure, ceiling, savings in part4]
-    for (label, marker, fill, points), color in zip(groups, plt.cm.tab20.colors):
+    for (label, marker, fill, points), color in zip(groups, plt.cm.tab10.colors + plt.cm.Dark2.colors):
         points = [(ceiling, savings) for ceiling, savings in points if None not in savings]
         ax.errorbar([100 * c for c, _ in points], [100 * statistics.mean(s) for _, s in points],
                     yerr=[100 * statistics.stdev(s) if len(s) > 1 else 0 for _, s in points],
