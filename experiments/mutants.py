@@ -1,8 +1,9 @@
 """
-Seeded bugs: does the test suite catch them? Each mutant below is a small change to stack_gpt.py of the kind a
-developer could really make (a sign, a constant, a missing step, a wrong position). For each, a copy of the
-repository gets the change and runs the suite without the two golden tests (which catch nearly anything
-that moves a number, without saying what broke, and are loosened on other CPUs), stopping at the first failure.
+Seeded bugs: does the test suite catch them? Each mutant below is a small change to stack_gpt.py (the E
+mutants: to the experiments' own code, Part 4's rules and control) of the kind a developer could really make
+(a sign, a constant, a missing step, a wrong position). For each, a copy of the repository gets the change
+and runs the suite without the two golden tests (which catch nearly anything that moves a number, without
+saying what broke, and are loosened on other CPUs), stopping at the first failure.
 
     python experiments/mutants.py              # every mutant: about 20 minutes on 2 cores
     python experiments/mutants.py O3 T1        # some of them
@@ -112,6 +113,39 @@ MUTANTS = [  # (id, area, what the bug does, text in stack_gpt.py, its replaceme
 ]
 
 
+# Seeded bugs in the experiments' own code: Part 4's rules and reports (sweeps.py) and its control script
+EXPERIMENT_MUTANTS = [  # (id, area, what the bug does, file, text in it, its replacement)
+    ("E1", "part 4", "the confirmation here runs only if the baseline changes", "experiments/sweeps.py",
+     "if winner and arm else []", "if winner not in (None, FAIR_CURRENT) and arm else []"),
+    ("E2", "part 4", "the machine's shift taken the wrong way round", "experiments/sweeps.py",
+     'last(here(name, s)) - last(finished_records("room-confirm", f"{name}-s{s}"))',
+     'last(finished_records("room-confirm", f"{name}-s{s}")) - last(here(name, s))'),
+    ("E3", "part 4", "the verdict here pairs Part 3's growth runs", "experiments/sweeps.py",
+     "verdict = fresh_seed_verdict(arm, here, lambda s: here(winner, s))",
+     "verdict = fresh_seed_verdict(arm, room_run, lambda s: here(winner, s))"),
+    ("E4", "part 4", "a run of another CPU pairs", "experiments/sweeps.py",
+     "if finished(sweep, name) and machine_of(sweep, name) == part4_machine() else None",
+     "if finished(sweep, name) else None"),
+    ("E5", "part 4", "step 2 reads the line the wrong way", "experiments/sweeps.py",
+     "math.exp((target - intercept) / slope)", "math.exp((intercept - target) / slope)"),
+    ("E6", "part 4", "step 2 leaves out the 2x baseline", "experiments/sweeps.py",
+     '    runs.append(("horizon", f"{baseline}-ratio{HORIZON_RATIO}-s{seed}"))\n', ""),
+    ("E7", "part 4", "the reverse control's verdict from the mean alone", "experiments/sweeps.py",
+     '"the lead is growth, not tables" if mean + half < 0', '"the lead is growth, not tables" if mean < 0'),
+    ("E8", "part 4", "the horizon's verdicts swapped", "experiments/sweeps.py",
+     'verdict = "the lead shrinks" if mean - half > 0 else "the lead grows"',
+     'verdict = "the lead grows" if mean - half > 0 else "the lead shrinks"'),
+    ("E9", "part 4", "the cost of growth read at the deep phase's end", "experiments/sweeps.py",
+     'r["phase"] == "deep" and r["step"] == 0', 'r["phase"] == "deep" and r["step"] == 10'),
+    ("E10", "part 4", "the reverse control runs the every-layer script", "experiments/sweeps.py",
+     '"ve-reverse": "experiments/nanochat_ve_stack.py"', '"ve-reverse": "experiments/every_layer_ve.py"'),
+    ("E11", "part 4", "the reverse control keeps nanochat's layers, table or not", "experiments/nanochat_ve_stack.py",
+     "tuple(j for j in config.ve_layers if j in nanochat)", "tuple(j for j in nanochat)"),
+    ("E12", "part 4", "the plan records every copied table", "experiments/nanochat_ve_stack.py",
+     "return nanochat_tables(copied_layout(shallow_config, layer_map))", "return copied_layout(shallow_config, layer_map)"),
+]
+
+
 # The behaviours that issue 26 found untested, each with a bug that breaks it and the test that must catch it
 BEHAVIOURS = [
     ("rotary: attention depends on relative position only", "M1", "test_rotary_scores_depend_only_on_relative_position"),
@@ -156,15 +190,17 @@ BEHAVIOURS = [
 ]
 
 
-def run_mutant(source, old, new, only=None):
-    """The first failing test's name, or None when the suite (or the test `only`) passes with the change."""
-    assert old == new or source.count(old) == 1, f"the text to change must occur once: {old!r}"
+def run_mutant(path, old, new, only=None):
+    """The first failing test's name, or None when the suite (or the test `only`) passes with the change to `path`."""
+    with open(os.path.join(HERE, path)) as f:
+        source = f.read()
+    assert old == new or source.count(old) == 1, f"the text to change must occur once in {path}: {old!r}"
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("stack_gpt.py", "prepare_data.py", "test_stack_gpt.py", "README.md"):
             shutil.copy(os.path.join(HERE, name), tmp)
         shutil.copytree(os.path.join(HERE, "experiments"), os.path.join(tmp, "experiments"),
                         ignore=shutil.ignore_patterns("runs"))
-        with open(os.path.join(tmp, "stack_gpt.py"), "w") as f:
+        with open(os.path.join(tmp, path), "w") as f:
             f.write(source.replace(old, new))
         select = ["-k", only] if only else ["-k", "not golden"]  # the golden tests pin numbers, not behaviours
         proc = subprocess.run([sys.executable, "-m", "pytest", "test_stack_gpt.py", "-x", "-q", "-p", "no:cacheprovider"]
@@ -177,22 +213,22 @@ def run_mutant(source, old, new, only=None):
 
 def main():
     chosen = set(sys.argv[1:])
-    with open(os.path.join(HERE, "stack_gpt.py")) as f:
-        source = f.read()
+    mutants = [(key, area, what, "stack_gpt.py", old, new) for key, area, what, old, new in MUTANTS]
+    mutants += EXPERIMENT_MUTANTS
     if "--behaviours" in chosen:
-        bugs = {key: (old, new) for key, _, _, old, new in MUTANTS}
+        bugs = {key: (path, old, new) for key, _, _, path, old, new in mutants}
         print("| behaviour | bug | its test fails |\n|---|---|---|")
         for behaviour, key, test in BEHAVIOURS:
-            failed = run_mutant(source, *bugs[key], only=test)
+            failed = run_mutant(*bugs[key], only=test)
             print(f"| {behaviour} | {key} | {'yes' if failed else 'NO'} |", flush=True)
         return
-    assert run_mutant(source, "", "") is None, "the suite must pass on the code as it is"
+    assert run_mutant("stack_gpt.py", "", "") is None, "the suite must pass on the code as it is"
     print("| mutant | area | the bug | first failing test |\n|---|---|---|---|")
     caught = total = 0
-    for key, area, what, old, new in MUTANTS:
+    for key, area, what, path, old, new in mutants:
         if chosen and key not in chosen:
             continue
-        first = run_mutant(source, old, new)
+        first = run_mutant(path, old, new)
         total, caught = total + 1, caught + (first is not None)
         print(f"| {key} | {area} | {what} | {first or 'NOT CAUGHT'} |", flush=True)
     print(f"\ncaught {caught} of {total}")
