@@ -146,6 +146,11 @@ EXPERIMENT_MUTANTS = [  # (id, area, what the bug does, file, text in it, its re
 ]
 
 
+PART4_STEP1_TEST = "test_part4_fair_baseline_takes_a_change_only_if_it_beats_the_baseline_run_beside_it"
+PART4_STEPS_TEST = "test_part4_steps_2_to_4_pair_with_the_confirmation_here_and_apply_their_rules"
+PART4_REVERSE_TEST = "test_part4_reverse_control_keeps_value_embeddings_only_where_nanochat_puts_them"
+
+
 # The behaviours that issue 26 found untested, each with a bug that breaks it and the test that must catch it
 BEHAVIOURS = [
     ("rotary: attention depends on relative position only", "M1", "test_rotary_scores_depend_only_on_relative_position"),
@@ -187,18 +192,19 @@ BEHAVIOURS = [
     ("samples follow the seed", "F6", "test_identity_growth_writes_what_the_shallow_model_wrote"),
     ("--resume --plan writes nothing", "F7", "test_resume_with_plan_writes_nothing"),
     ("the tokenizer read from the data folder", "F8", "test_samples_decode_with_the_data_folders_own_tokenizer"),
-    # Part 4's rules and reports (experiments/sweeps.py) and its reverse control, each with its own test
-    *((behaviour, f"E{i}", "test_part4_fair_baseline_takes_a_change_only_if_it_beats_the_baseline_run_beside_it")
-      for i, behaviour in enumerate(("Part 3's confirmation runs again here", "the machine's shift, here minus there",
-                                     "the verdict pairs runs of this machine", "runs of another CPU pair with none"), 1)),
-    *((behaviour, f"E{i}", "test_part4_steps_2_to_4_pair_with_the_confirmation_here_and_apply_their_rules")
-      for i, behaviour in enumerate(("step 2: the compute where the line reaches the stacked run",
-                                     "step 2: the 2x baseline as a fifth budget", "step 3: the rule's interval",
-                                     "step 4: shrinks above zero, grows below", "step 3: the cost right after growth",
-                                     "step 3: the reverse control's own script"), 5)),
-    *((behaviour, f"E{i}", "test_part4_reverse_control_keeps_value_embeddings_only_where_nanochat_puts_them")
-      for i, behaviour in enumerate(("the reverse control keeps only copies nanochat's rule keeps",
-                                     "the plan records the tables kept"), 11)),
+    # Part 4's rules and reports (experiments/sweeps.py) and its reverse control
+    ("Part 3's confirmation runs again here", "E1", PART4_STEP1_TEST),
+    ("the machine's shift, here minus there", "E2", PART4_STEP1_TEST),
+    ("the verdict pairs runs of this machine", "E3", PART4_STEP1_TEST),
+    ("runs of another CPU pair with none", "E4", PART4_STEP1_TEST),
+    ("step 2: the compute where the line reaches the stacked run", "E5", PART4_STEPS_TEST),
+    ("step 2: the 2x baseline as a fifth budget", "E6", PART4_STEPS_TEST),
+    ("step 3: the rule's interval", "E7", PART4_STEPS_TEST),
+    ("step 4: shrinks above zero, grows below", "E8", PART4_STEPS_TEST),
+    ("step 3: the cost right after growth", "E9", PART4_STEPS_TEST),
+    ("step 3: the reverse control's own script", "E10", PART4_STEPS_TEST),
+    ("the reverse control keeps only copies nanochat's rule keeps", "E11", PART4_REVERSE_TEST),
+    ("the plan records the tables kept", "E12", PART4_REVERSE_TEST),
 ]
 
 

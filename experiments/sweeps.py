@@ -1172,7 +1172,7 @@ def budget_points(baseline, seed):
     runs = [("fair-confirm", f"{baseline}-s{seed}")] + [("equal-loss", f"{baseline}-ratio{r}-s{seed}")
                                                         for r in EQUAL_LOSS_RATIOS]
     runs.append(("horizon", f"{baseline}-ratio{HORIZON_RATIO}-s{seed}"))
-    return [(run[-1]["flops"], run[-1]["val_bpb"]["baseline"]) for run in map(lambda r: part4_run(*r), runs) if run]
+    return [(run[-1]["flops"], run[-1]["val_bpb"]["baseline"]) for run in (part4_run(*r) for r in runs) if run]
 
 
 def compute_to_reach(points, target):
