@@ -660,9 +660,13 @@ def cheap_token_ceiling(shallow, deep, total_flops):
 
 def describe_plan(phases, args, meta):
     """What the run will do, in FLOPs and tokens, before it starts."""
-    lines = [f"{p.name}: {p.config.n_layer} layers x {p.config.n_embd} wide, {p.config.n_head} heads | "
-             f"{p.steps} steps x {p.batch_size:,} tokens | {p.flops_per_token:.3e} FLOPs/token | "
-             f"{p.flops:.3e} FLOPs | warmdown {p.warmdown_ratio} | wd {p.weight_decay:.4f}" for p in phases]
+    def many(n, noun):  # "1 layer", "4 layers"
+        return f"{n} {noun}" + "s" * (n > 1)
+
+    lines = [f"{p.name}: {many(p.config.n_layer, 'layer')} x {p.config.n_embd} wide, "
+             f"{many(p.config.n_head, 'head')} | {p.steps} steps x {p.batch_size:,} tokens | "
+             f"{p.flops_per_token:.3e} FLOPs/token | {p.flops:.3e} FLOPs | warmdown {p.warmdown_ratio} | "
+             f"wd {p.weight_decay:.4f}" for p in phases]
     tokens, total_flops = sum(p.batch_size * p.steps for p in phases), phases[0].run_flops
     epochs = tokens / meta["train_tokens"]
     lines.append(f"total: {total_flops:.3e} FLOPs, {tokens:,} tokens" + (
@@ -1259,7 +1263,12 @@ def main(argv=None):
             baseline = read_metrics(args.compare[0])
             print(format_report([acceleration(baseline, read_metrics(p), p) for p in args.compare[1:]]))
         else:
-            launch(args)
+            try:
+                launch(args)
+            except KeyboardInterrupt:  # Ctrl-C: one line on how to go on, not a traceback
+                if rank() == 0:
+                    print(f"\nstopped by Ctrl-C: {how_to_go_on(args.out_dir)}", file=sys.stderr)
+                sys.exit(130)  # the shell's code for a Ctrl-C
     except (UsageError, TrainingDiverged) as e:  # one line, no traceback: 2 for bad input, 1 if diverged
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1 if isinstance(e, TrainingDiverged) else 2)
@@ -1378,6 +1387,13 @@ def resume_point(args):
     machine = {k: getattr(args, k) for k in ("device", "compile", "dtype", "out_dir", "plan")}
     defaults = vars(get_parser().parse_args([]))
     return ckpt, argparse.Namespace(**{**defaults, **ckpt["args"], **machine, "resume": True})
+
+
+def how_to_go_on(out_dir):
+    """After a Ctrl-C: the command that continues the run, if it left a checkpoint."""
+    if any(os.path.exists(os.path.join(out_dir, name)) for name in ("checkpoint.pt", "shallow.pt")):
+        return f"python stack_gpt.py --resume --out-dir {out_dir} continues from its last checkpoint"
+    return "no checkpoint yet (--save-every N writes them), so the same command starts it over"
 
 
 def check_run_dir(args):

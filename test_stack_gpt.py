@@ -611,6 +611,9 @@ def test_a_stacked_plan_states_its_cheap_token_ceiling():
     assert round(ceiling, 4) == 0.1334 and round(ceiling / (1 - ceiling), 4) == 0.1539  # saving, speedup
     plan = sg.describe_plan([shallow, deep], args, {"train_tokens": 19_464_830})
     assert "growth after 20.0% of the FLOPs | cheap-token ceiling 13.3% saved (speedup 15.4%)" in plan
+    assert plan.startswith("shallow: 2 layers x 128 wide, 4 heads | 896 steps x 4,096 tokens | ")
+    d1_args, d1 = plan_args(["--depth", "1"] + family, 2048)
+    assert ": 1 layer x 32 wide, 1 head | " in sg.describe_plan(d1, d1_args, {"train_tokens": 1})
     baseline_args, baseline = plan_args(["--depth", "4"] + family, 2048)
     assert "ceiling" not in sg.describe_plan(baseline, baseline_args, {"train_tokens": 1})
     # growth after 80%: the shallow phase alone reads more tokens than the baseline's whole run, so it gets there
@@ -930,7 +933,7 @@ def test_resume_with_plan_writes_nothing(tiny_data, tmp_path, capsys):
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
     capsys.readouterr()
     sg.main(["--resume", "--out-dir", str(out), "--plan"])
-    assert capsys.readouterr().out.startswith("shallow: 1 layers")
+    assert capsys.readouterr().out.startswith("shallow: 1 layer x")
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
 
 
@@ -955,7 +958,7 @@ def test_plan_prints_the_plan_and_writes_nothing(tiny_data, tmp_path, capsys, mo
     monkeypatch.setattr(sg, "keep_freed_memory", lambda args: calls.append(args.device))
     sg.main(TINY + ["--data", tiny_data, "--out-dir", str(tmp_path / "run"), "--plan", "--device", "cpu"])
     out = capsys.readouterr().out
-    assert out.startswith("shallow: 1 layers") and "estimated time: about" in out and "val bpb" not in out
+    assert out.startswith("shallow: 1 layer x") and "estimated time: about" in out and "val bpb" not in out
     assert not os.path.exists(tmp_path / "run") and calls == ["cpu"]
 
 
@@ -1562,6 +1565,31 @@ def test_random_growth_is_reproduced_by_resume_and_init_from(tiny_data, tmp_path
     sg.main(flags + ["--out-dir", grown, "--init-from", os.path.join(whole, "shallow.pt")])
     deep = lambda run: [r for r in comparable(metrics_of(run)) if r.get("phase") == "deep"]  # noqa: E731
     assert deep(grown) == deep(whole)
+
+
+@pytest.mark.parametrize("stop_at, then", [(1, "the same command"), (8, "--resume --out-dir")])
+def test_ctrl_c_names_the_command_that_goes_on(tiny_data, tmp_path, capsys, monkeypatch, stop_at, then):
+    """
+    Ctrl-C in training step `stop_at`: one line, exit 130, and the command it names works. Without --save-every
+    the only checkpoint is shallow.pt, there from step 7 on, the deep phase.
+    """
+    flags, out, calls = TINY + ["--data", tiny_data], str(tmp_path / "run"), []
+
+    def ctrl_c_in(*args):
+        calls.append(len(calls) + 1)
+        if calls[-1] == stop_at:
+            raise KeyboardInterrupt
+        return train_step(*args)
+
+    train_step = sg.train_step
+    monkeypatch.setattr(sg, "train_step", ctrl_c_in)
+    with pytest.raises(SystemExit) as e:
+        sg.main(flags + ["--out-dir", out])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and err.startswith("stopped by Ctrl-C: ") and "\n" not in err and then in err, err
+    monkeypatch.setattr(sg, "train_step", train_step)
+    sg.main(["--resume", "--out-dir", out] if stop_at > 2 else flags + ["--out-dir", out])
+    assert os.path.exists(os.path.join(out, "final.pt"))
 
 
 def test_resume_of_a_finished_run_says_so(tiny_run, capsys):

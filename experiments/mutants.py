@@ -110,6 +110,9 @@ MUTANTS = [  # (id, area, what the bug does, text in stack_gpt.py, its replaceme
     ("F8", "first contact", "the tokenizer read through tiktoken's cache, keyed by the path",
      "ranks = {base64.b64decode(token): int(rank) for token, rank in zip(words[::2], words[1::2])}",
      'ranks = __import__("tiktoken.load").load.load_tiktoken_bpe(path)'),
+    ("F9", "first contact", "after Ctrl-C, --resume is named only for a periodic checkpoint",
+     'for name in ("checkpoint.pt", "shallow.pt"))', 'for name in ("checkpoint.pt",))'),
+    ("F10", "first contact", "the plan says \"1 layers\"", '"s" * (n > 1)', '"s" * (n > 0)'),
 ]
 
 
@@ -192,6 +195,8 @@ BEHAVIOURS = [
     ("samples follow the seed", "F6", "test_identity_growth_writes_what_the_shallow_model_wrote"),
     ("--resume --plan writes nothing", "F7", "test_resume_with_plan_writes_nothing"),
     ("the tokenizer read from the data folder", "F8", "test_samples_decode_with_the_data_folders_own_tokenizer"),
+    ("Ctrl-C names the command that goes on", "F9", "test_ctrl_c_names_the_command_that_goes_on"),
+    ("the plan counts in words", "F10", "test_a_stacked_plan_states_its_cheap_token_ceiling"),
     # Part 4's rules and reports (experiments/sweeps.py) and its reverse control
     ("Part 3's confirmation runs again here", "E1", PART4_STEP1_TEST),
     ("the machine's shift, here minus there", "E2", PART4_STEP1_TEST),
