@@ -266,10 +266,7 @@ class GPT(nn.Module):
 
 
 def empty_model(config, device, table_dtype=torch.float32):
-    """
-    A model on `device` whose weights are still to be set: by init_weights, a checkpoint or stacking.
-    In bf16 runs its lookup tables are stored in bf16, as nanochat does.
-    """
+    """A model whose weights are still to be set: by init_weights, a checkpoint or stacking."""
     model = GPT(config).to(device)
     for table in model.embeddings():
         table.to(table_dtype)  # only looked up, never multiplied: bf16 halves their memory
@@ -660,13 +657,10 @@ def cheap_token_ceiling(shallow, deep, total_flops):
 
 def describe_plan(phases, args, meta):
     """What the run will do, in FLOPs and tokens, before it starts."""
-    def many(n, noun):  # "1 layer", "4 layers"
-        return f"{n} {noun}" + "s" * (n > 1)
-
-    lines = [f"{p.name}: {many(p.config.n_layer, 'layer')} x {p.config.n_embd} wide, "
-             f"{many(p.config.n_head, 'head')} | {p.steps} steps x {p.batch_size:,} tokens | "
-             f"{p.flops_per_token:.3e} FLOPs/token | {p.flops:.3e} FLOPs | warmdown {p.warmdown_ratio} | "
-             f"wd {p.weight_decay:.4f}" for p in phases]
+    lines = [f"{p.name}: {p.config.n_layer} layer{'s' * (p.config.n_layer > 1)} x {p.config.n_embd} wide, "
+             f"{p.config.n_head} head{'s' * (p.config.n_head > 1)} | {p.steps} steps x {p.batch_size:,} "
+             f"tokens | {p.flops_per_token:.3e} FLOPs/token | {p.flops:.3e} FLOPs | "
+             f"warmdown {p.warmdown_ratio} | wd {p.weight_decay:.4f}" for p in phases]
     tokens, total_flops = sum(p.batch_size * p.steps for p in phases), phases[0].run_flops
     epochs = tokens / meta["train_tokens"]
     lines.append(f"total: {total_flops:.3e} FLOPs, {tokens:,} tokens" + (
@@ -1266,8 +1260,10 @@ def main(argv=None):
             try:
                 launch(args)
             except KeyboardInterrupt:  # Ctrl-C: one line on how to go on, not a traceback
-                if rank() == 0:
-                    print(f"\nstopped by Ctrl-C: {how_to_go_on(args.out_dir)}", file=sys.stderr)
+                saved = any(os.path.exists(os.path.join(args.out_dir, name)) for name in CHECKPOINTS[1:])
+                then = (f"python stack_gpt.py --resume --out-dir {args.out_dir} continues" if saved
+                        else "no checkpoint yet, so the same command starts over")
+                print(f"\nstopped by Ctrl-C: {then}", file=sys.stderr)
                 sys.exit(130)  # the shell's code for a Ctrl-C
     except (UsageError, TrainingDiverged) as e:  # one line, no traceback: 2 for bad input, 1 if diverged
         print(f"error: {e}", file=sys.stderr)
@@ -1278,7 +1274,7 @@ def main(argv=None):
 # Plumbing: checkpoints, the run folder and its log, --resume, torchrun (skip on a first reading)
 
 CHECKPOINT_FORMAT = "stack-gpt-1"
-CHECKPOINTS = ("final.pt", "checkpoint.pt", "shallow.pt")
+CHECKPOINTS = ("final.pt", "checkpoint.pt", "shallow.pt")  # --resume continues from the last two
 
 
 def write_atomic(path, write):
@@ -1371,13 +1367,10 @@ def load_init_from(args, vocab_size):
 
 
 def resume_point(args):
-    """
-    --resume: the most advanced checkpoint of the run in --out-dir (the periodic checkpoint.pt or the end
-    of phase 1), and the flags it was started with; (None, args) when the run already finished.
-    """
+    """--resume: the run's latest checkpoint and the flags it began with; (None, args) if it finished."""
     if os.path.exists(os.path.join(args.out_dir, "final.pt")):
         return None, args
-    paths = [os.path.join(args.out_dir, n) for n in ("checkpoint.pt", "shallow.pt")]
+    paths = [os.path.join(args.out_dir, n) for n in CHECKPOINTS[1:]]
     found = [load_checkpoint(p) for p in paths if os.path.exists(p)]
     if not found:
         raise UsageError(f"nothing to resume in {args.out_dir}: start runs with --save-every N")
@@ -1387,13 +1380,6 @@ def resume_point(args):
     machine = {k: getattr(args, k) for k in ("device", "compile", "dtype", "out_dir", "plan")}
     defaults = vars(get_parser().parse_args([]))
     return ckpt, argparse.Namespace(**{**defaults, **ckpt["args"], **machine, "resume": True})
-
-
-def how_to_go_on(out_dir):
-    """After a Ctrl-C: the command that continues the run, if it left a checkpoint."""
-    if any(os.path.exists(os.path.join(out_dir, name)) for name in ("checkpoint.pt", "shallow.pt")):
-        return f"python stack_gpt.py --resume --out-dir {out_dir} continues from its last checkpoint"
-    return "no checkpoint yet (--save-every N writes them), so the same command starts it over"
 
 
 def check_run_dir(args):

@@ -111,8 +111,8 @@ MUTANTS = [  # (id, area, what the bug does, text in stack_gpt.py, its replaceme
      "ranks = {base64.b64decode(token): int(rank) for token, rank in zip(words[::2], words[1::2])}",
      'ranks = __import__("tiktoken.load").load.load_tiktoken_bpe(path)'),
     ("F9", "first contact", "after Ctrl-C, --resume is named only for a periodic checkpoint",
-     'for name in ("checkpoint.pt", "shallow.pt"))', 'for name in ("checkpoint.pt",))'),
-    ("F10", "first contact", "the plan says \"1 layers\"", '"s" * (n > 1)', '"s" * (n > 0)'),
+     'for name in CHECKPOINTS[1:])', 'for name in CHECKPOINTS[1:2])'),
+    ("F10", "first contact", "the plan says \"1 layers\"", "'s' * (p.config.n_layer > 1)", "'s' * (p.config.n_layer > 0)"),
 ]
 
 
