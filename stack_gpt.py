@@ -1062,8 +1062,7 @@ def launch(args):
 
 def read_metrics(path):
     """The records of a run's metrics.jsonl (path to the file or to its run folder)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "metrics.jsonl")
+    path = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
     records = []
     try:
         with open(path) as f:
