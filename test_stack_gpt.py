@@ -2255,7 +2255,9 @@ def test_part4_steps_2_to_4_pair_with_the_confirmation_here_and_apply_their_rule
     assert "- Val bpb right after growth, two tables minus four: +0.1000 ± 0.0000, worse in 6/6" in report
     assert "Verdict (growth with two tables beats the baseline's interval below zero): the lead is growth, not tables." in report
     fake_sweep_run("ve-reverse", "at0.1-s13", 1.01, stacked=True, grow_at=0.1, budget=budget)  # one seed far behind
-    assert "the control shows nothing either way." in "\n".join(sweeps.part4_report())
+    step3 = "\n".join(sweeps.part4_report()).split("## Part 4, step 3")[1]
+    assert "the control shows nothing either way." in step3
+    assert re.search(r"- Paired t-test \(arm minus the baseline of the same seed, 6 seeds\): mean \S+, 95% CI \[-\S+, \+", step3)
     for seed in range(8, 12):  # the every-layer baseline, 0.002 better than two tables
         fake_sweep_run("ve-every-layer", f"baseline-s{seed}", 0.998, budget=budget)
     report = "\n".join(sweeps.part4_report())

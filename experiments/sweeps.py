@@ -1283,6 +1283,7 @@ def value_embeddings_both_ways(baseline, arm):
         out += [f"- Val bpb right after growth, two tables minus four: {paired_difference(cost)}"] * bool(cost)
         out += [f"- Final val bpb, two tables minus four: {paired_difference(together)}"] * bool(together)
         differences = [r["val_bpb"] - r["baseline_val_bpb"] for r in rows.values()]
+        out += confirm_tests(*zip(*[(r["val_bpb"], r["baseline_val_bpb"]) for r in rows.values()])) * (len(rows) > 1)
         verdict = f"none yet ({len(rows)} of {len(FRESH_SEEDS)} seeds)"
         if len(rows) == len(FRESH_SEEDS):
             mean, half, _, _ = paired_test(differences)
