@@ -2257,6 +2257,8 @@ def test_part4_steps_2_to_4_pair_with_the_confirmation_here_and_apply_their_rule
     fake_sweep_run("ve-reverse", "at0.1-s13", 1.01, stacked=True, grow_at=0.1, budget=budget)  # one seed far behind
     step3 = "\n".join(sweeps.part4_report()).split("## Part 4, step 3")[1]
     assert "the control shows nothing either way." in step3
+    assert re.search(r"- Two tables minus four during the run .*: at 25% \S+ \(0 of 6 ahead\), .* at 100% \+0\.0040 \(0 of 6", step3)
+    assert "- Final val bpb, two tables minus four: +0.0040" in step3  # the run's last point is its end
     assert re.search(r"- Paired t-test \(arm minus the baseline of the same seed, 6 seeds\): mean \S+, 95% CI \[-\S+, \+", step3)
     for seed in range(8, 12):  # the every-layer baseline, 0.002 better than two tables
         fake_sweep_run("ve-every-layer", f"baseline-s{seed}", 0.998, budget=budget)

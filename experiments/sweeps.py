@@ -1282,6 +1282,8 @@ def value_embeddings_both_ways(baseline, arm):
         together = [r["val_bpb"] - stacked(s)[-1]["val_bpb"]["deep"] for s, r in rows.items() if stacked(s)]
         out += [f"- Val bpb right after growth, two tables minus four: {paired_difference(cost)}"] * bool(cost)
         out += [f"- Final val bpb, two tables minus four: {paired_difference(together)}"] * bool(together)
+        out += [f"- Two tables minus four during the run (val bpb at equal FLOPs, mean of the seeds; share of the "
+                f"budget): {during_the_run(reverse, stacked, FRESH_SEEDS)}"] * bool(together)
         differences = [r["val_bpb"] - r["baseline_val_bpb"] for r in rows.values()]
         out += confirm_tests(*zip(*[(r["val_bpb"], r["baseline_val_bpb"]) for r in rows.values()])) * (len(rows) > 1)
         verdict = f"none yet ({len(rows)} of {len(FRESH_SEEDS)} seeds)"
