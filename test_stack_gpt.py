@@ -2277,6 +2277,8 @@ def test_part4_steps_2_to_4_pair_with_the_confirmation_here_and_apply_their_rule
                    grow_at=0.1, budget=2 * budget)
     report = "\n".join(sweeps.part4_report())
     assert "| 8 | -0.0055 | -0.0027 | +0.0027 |" in report and "| 9 | -0.0067 | -0.0033 | +0.0033 |" in report
+    assert re.search(r"- Stacked minus baseline during the run at 1x .*: at 25% .* at 100% -0\.0061 \(4 of 4 ahead\)", report)
+    assert re.search(r"- Stacked minus baseline during the run at 2x .*: at 25% .* at 100% -0\.0030 \(4 of 4 ahead\)", report)
     assert "the lead shrinks." in report and "| 8 | 5 | -0.0208 | 0.0000 | 0.9945 | +20.0% |" in report
     # the map's rows: fake plans grow after 10% from a shallow model at 0.6 of the deep one's cost, a 6.7% ceiling
     assert "| at0.1, this machine | 1x | compute the baseline needs to reach the stacked run's loss | 4 | 6.7% | " \

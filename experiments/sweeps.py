@@ -1318,6 +1318,9 @@ def horizon_report(baseline, arm):
     rows = seed_rows(lambda s: long(arm, s), lambda s: long(baseline, s), seeds)
     out += [f"- Compute saved at 2x (where the stacked run reaches the baseline's final val bpb): "
             f"{saving_with_speedup([matched_saving(r) for r in rows.values()])}"]
+    for budget, run in (("1x", short), ("2x", long)):  # not a rule: where in each run the lead is
+        out += [f"- Stacked minus baseline during the run at {budget} (val bpb at equal FLOPs, mean of the seeds; "
+                f"share of the budget): {during_the_run(lambda s: run(arm, s), lambda s: run(baseline, s), seeds)}"]
     verdict = f"none yet ({len(seeds)} of {len(HORIZON_SEEDS)} seeds)"
     if len(seeds) == len(HORIZON_SEEDS):
         mean, half, _, _ = paired_test(changes)
