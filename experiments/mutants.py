@@ -148,6 +148,9 @@ EXPERIMENT_MUTANTS = [  # (id, area, what the bug does, file, text in it, its re
      "tuple(j for j in config.ve_layers if j in nanochat)", "tuple(j for j in nanochat)"),
     ("E12", "part 4", "the plan records every copied table", "experiments/nanochat_ve_stack.py",
      "return nanochat_tables(copied_layout(shallow_config, layer_map))", "return copied_layout(shallow_config, layer_map)"),
+    ("E13", "part 4", "step 4's lead during the run read as baseline minus stacked", "experiments/sweeps.py",
+     "during_the_run(lambda s: run(arm, s), lambda s: run(baseline, s), seeds)",
+     "during_the_run(lambda s: run(baseline, s), lambda s: run(arm, s), seeds)"),
 ]
 
 
@@ -213,6 +216,7 @@ BEHAVIOURS = [
     ("step 3: the reverse control's own script", "E10", PART4_STEPS_TEST),
     ("the reverse control keeps only copies nanochat's rule keeps", "E11", PART4_REVERSE_TEST),
     ("the plan records the tables kept", "E12", PART4_REVERSE_TEST),
+    ("step 4: stacked minus baseline during the run", "E13", PART4_STEPS_TEST),
 ]
 
 
