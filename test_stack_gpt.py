@@ -2276,7 +2276,9 @@ def test_part4_steps_2_to_4_pair_with_the_confirmation_here_and_apply_their_rule
     fake_sweep_run("horizon", "at0.1-ratio21-s11", long_base - 0.015 * math.log(1.25), stacked=True,
                    grow_at=0.1, budget=2 * budget)
     report = "\n".join(sweeps.part4_report())
-    assert "| 8 | -0.0055 | -0.0027 | +0.0027 |" in report and "| 9 | -0.0067 | -0.0033 | +0.0033 |" in report
+    assert "| 8 | 0.9792 | 0.9765 | -0.0055 | -0.0027 | +0.0027 |" in report
+    assert "| -0.0067 | -0.0033 | +0.0033 |" in report  # seed 9
+    assert "- Lead at 2x: -0.0030 ± " in report
     assert re.search(r"- Stacked minus baseline during the run at 1x .*: at 25% .* at 100% -0\.0061 \(4 of 4 ahead\)", report)
     assert re.search(r"- Stacked minus baseline during the run at 2x .*: at 25% .* at 100% -0\.0030 \(4 of 4 ahead\)", report)
     assert "the lead shrinks." in report and "| 8 | 5 | -0.0208 | 0.0000 | 0.9945 | +20.0% |" in report

@@ -1311,10 +1311,14 @@ def horizon_report(baseline, arm):
         return []
     leads = {s: (lead(short(arm, s), short(baseline, s)), lead(long(arm, s), long(baseline, s))) for s in seeds}
     out = [f"## Part 4, step 4: the lead of {arm} at twice Part 3's budget (--ratio {HORIZON_RATIO})", "",
-           "| seed | lead at 1x | lead at 2x | 2x minus 1x |", "|---|---|---|---|"]
-    out += [f"| {s} | {one:+.4f} | {two:+.4f} | {two - one:+.4f} |" for s, (one, two) in leads.items()] + [""]
+           "| seed | baseline at 2x val bpb | stacked at 2x val bpb | lead at 1x | lead at 2x | 2x minus 1x |",
+           "|---|---|---|---|---|---|"]
+    at_2x = lambda name, s, phase: long(name, s)[-1]["val_bpb"][phase]
+    out += [f"| {s} | {at_2x(baseline, s, 'baseline'):.4f} | {at_2x(arm, s, 'deep'):.4f} | "
+            f"{one:+.4f} | {two:+.4f} | {two - one:+.4f} |" for s, (one, two) in leads.items()] + [""]
     changes = [two - one for one, two in leads.values()]
-    out += [f"- Lead at 2x minus lead at 1x: {paired_difference(changes)}"]
+    out += [f"- Lead at 2x minus lead at 1x: {paired_difference(changes)}",
+            f"- Lead at 2x: {paired_difference([two for _, two in leads.values()])}"]
     rows = seed_rows(lambda s: long(arm, s), lambda s: long(baseline, s), seeds)
     out += [f"- Compute saved at 2x (where the stacked run reaches the baseline's final val bpb): "
             f"{saving_with_speedup([matched_saving(r) for r in rows.values()])}"]
