@@ -1305,7 +1305,8 @@ def horizon_report(baseline, arm):
     """Step 4: the lead at twice the budget against the lead at Part 3's, seed by seed, and the rule's verdict."""
     long = lambda name, s: part4_run("horizon", f"{name}-ratio{HORIZON_RATIO}-s{s}")
     short = lambda name, s: part4_run("fair-confirm", f"{name}-s{s}")
-    lead = lambda run, base: run[-1]["val_bpb"]["deep"] - base[-1]["val_bpb"]["baseline"]
+    final = lambda run, phase: run[-1]["val_bpb"][phase]
+    lead = lambda run, base: final(run, "deep") - final(base, "baseline")
     seeds = [s for s in HORIZON_SEEDS if all((long(baseline, s), long(arm, s), short(baseline, s), short(arm, s)))]
     if not seeds:
         return []
@@ -1313,8 +1314,7 @@ def horizon_report(baseline, arm):
     out = [f"## Part 4, step 4: the lead of {arm} at twice Part 3's budget (--ratio {HORIZON_RATIO})", "",
            "| seed | baseline at 2x val bpb | stacked at 2x val bpb | lead at 1x | lead at 2x | 2x minus 1x |",
            "|---|---|---|---|---|---|"]
-    at_2x = lambda name, s, phase: long(name, s)[-1]["val_bpb"][phase]
-    out += [f"| {s} | {at_2x(baseline, s, 'baseline'):.4f} | {at_2x(arm, s, 'deep'):.4f} | "
+    out += [f"| {s} | {final(long(baseline, s), 'baseline'):.4f} | {final(long(arm, s), 'deep'):.4f} | "
             f"{one:+.4f} | {two:+.4f} | {two - one:+.4f} |" for s, (one, two) in leads.items()] + [""]
     changes = [two - one for one, two in leads.values()]
     out += [f"- Lead at 2x minus lead at 1x: {paired_difference(changes)}",
